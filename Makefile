@@ -1,0 +1,32 @@
+# Two commands on a fresh machine with Python 3.11+:
+#   make test   set up .venv with the CPU backends, then run the whole test suite
+#   make demo   same set-up, then train a few optimizers on a small real problem
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is the pinned test version (its CPU build is on the project machines' disk).
+TORCH_PIN := torch==2.13.0
+
+.PHONY: test demo lint conformance bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[test,all]"
+	touch $@
+
+test: $(BIN)/.installed
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.demo
+
+lint: $(BIN)/.installed
+	$(BIN)/python -m ruff check .
+
+conformance: $(BIN)/.installed
+	$(BIN)/python -m agnostic_optim.conformance
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""agnostic_optim: deep-learning optimizers written once against the Python array API standard.
+
+Every optimizer is a pair of pure functions over pytrees of arrays from any array-API namespace
+(NumPy, PyTorch, JAX, CuPy, array_api_strict)::
+
+    import agnostic_optim as ao
+
+    opt = ao.adamw(lr=1e-3, weight_decay=1e-2)
+    state = opt.init(params)
+    state, params = opt.step(state, grads, params)
+
+Adapters for framework training loops live in ``agnostic_optim.adapters``.
+"""
+
+from agnostic_optim import schedules
+from agnostic_optim.first_order import sgd  # noqa: I001  (first: the registry keeps the deck's order)
+from agnostic_optim.adaptive import adagrad, adam, adamw, amsgrad, rmsprop
+from agnostic_optim.adaptive_variants import adan, lion, nadam, radam
+from agnostic_optim.composition import (
+    AccumulateState,
+    MaskedState,
+    SkipNonfiniteState,
+    accumulate,
+    chain,
+    clip_by_global_norm,
+    masked,
+    skip_nonfinite,
+)
+from agnostic_optim.engine import Optimizer, OptimizerState, Transform
+from agnostic_optim.hparams import get_hparams, set_hparams
+from agnostic_optim.registry import RegistryEntry, registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccumulateState",
+    "MaskedState",
+    "Optimizer",
+    "OptimizerState",
+    "RegistryEntry",
+    "SkipNonfiniteState",
+    "Transform",
+    "accumulate",
+    "adagrad",
+    "adam",
+    "adamw",
+    "adan",
+    "amsgrad",
+    "chain",
+    "clip_by_global_norm",
+    "get_hparams",
+    "lion",
+    "masked",
+    "nadam",
+    "radam",
+    "registry",
+    "rmsprop",
+    "schedules",
+    "set_hparams",
+    "sgd",
+    "skip_nonfinite",
+]

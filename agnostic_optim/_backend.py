@@ -1,0 +1,87 @@
+"""Backend facts the rules need, in one place: namespaces, devices, dtypes, scalar casts.
+
+Everything framework-specific that the core cannot avoid knowing (which floating dtypes a
+namespace offers, whether an array is being traced) is answered here through
+``array_api_compat``, so the update rules never branch on a backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+Namespace = Any
+
+
+def namespace_of(*arrays: Array) -> Namespace:
+    """The single array-API namespace of ``arrays``; a clear error for mixed or foreign inputs."""
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as err:
+        kinds = sorted({type(a).__module__ + "." + type(a).__qualname__ for a in arrays})
+        raise TypeError(
+            "agnostic_optim needs every parameter, gradient and input of one step to come from "
+            f"one array-API namespace; got arrays of types {kinds} ({err})"
+        ) from None
+
+
+def device_of(x: Array) -> Any:
+    return array_api_compat.device(x)
+
+
+def is_lazy(x: Array) -> bool:
+    """True when ``x`` has no concrete value yet (a JAX tracer under ``jit``/``vmap``)."""
+    return array_api_compat.is_lazy_array(x)
+
+
+def floating_dtypes(xp: Namespace, like: Array) -> dict[str, Any]:
+    """Real floating dtypes ``xp`` offers on ``like``'s device (JAX without x64 has no float64)."""
+    info = xp.__array_namespace_info__()
+    try:
+        return dict(info.dtypes(kind="real floating", device=device_of(like)))
+    except Exception:  # tracers and some devices cannot be queried by device
+        return dict(info.dtypes(kind="real floating"))
+
+
+def scalar_dtype(xp: Namespace, like: Array) -> Any:
+    """The dtype hyperparameter arithmetic runs in: float64 where available, else float32."""
+    dtypes = floating_dtypes(xp, like)
+    return dtypes.get("float64", xp.float32)
+
+
+def is_floating(xp: Namespace, x: Array) -> bool:
+    return xp.isdtype(x.dtype, "real floating")
+
+
+def is_low_precision(xp: Namespace, dtype: Any) -> bool:
+    """True for 16-bit floats (float16, bfloat16) -- dtypes the standard does not require."""
+    return dtype not in (xp.float32, xp.float64)
+
+
+def compute_dtype(xp: Namespace, dtype: Any) -> Any:
+    """The dtype a rule computes in for a leaf stored in ``dtype``.
+
+    float32/float64 leaves compute in their own dtype, as torch.optim does. 16-bit leaves compute
+    in float32 so that hyperparameters such as b2 = 0.999 are never rounded (optax issue #1414).
+    """
+    return xp.float32 if is_low_precision(xp, dtype) else dtype
+
+
+def astype(xp: Namespace, x: Array, dtype: Any) -> Array:
+    """``xp.astype`` that never copies when the dtype already matches."""
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def scalar(xp: Namespace, value: Any, dtype: Any, device: Any) -> Array:
+    """A 0-d array of ``value`` in ``dtype`` on ``device``."""
+    return xp.asarray(value, dtype=dtype, device=device)
+
+
+def to_device_of(xp: Namespace, x: Array, like: Array) -> Array:
+    """``x`` moved to ``like``'s device when they differ (a no-op for traced JAX arrays)."""
+    if is_lazy(x) or is_lazy(like):
+        return x
+    target = device_of(like)
+    return x if device_of(x) == target else array_api_compat.to_device(x, target)

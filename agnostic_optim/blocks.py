@@ -1,0 +1,57 @@
+"""Building blocks shared by the update rules: moments, bias corrections, decay forms, norms.
+
+Scalar helpers (``bias_correction``...) work on 0-d arrays in the scalar dtype inside a rule's
+``prepare``; array helpers work on one leaf inside a rule's ``update``. Each exists once and
+every optimizer that needs it calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agnostic_optim._backend import device_of
+
+Array = Any
+
+
+# ----------------------------------------------------------------- per-leaf array helpers
+
+
+def ema(average: Array, value: Array, decay: Array, one_minus_decay: Array) -> Array:
+    """Exponential moving average ``decay * average + (1 - decay) * value``."""
+    return average * decay + value * one_minus_decay
+
+
+def coupled_weight_decay(grad: Array, param: Array, weight_decay: Array) -> Array:
+    """L2 regularisation folded into the gradient: ``g + weight_decay * param``."""
+    return grad + param * weight_decay
+
+
+def decoupled_weight_decay(param: Array, lr_times_weight_decay: Array) -> Array:
+    """AdamW's decoupled decay, applied before the update: ``param * (1 - lr * weight_decay)``."""
+    return param * (1 - lr_times_weight_decay)
+
+
+def sum_of_squares(xp: Any, x: Array) -> Array:
+    """``sum(x ** 2)`` over every element, as a 0-d array."""
+    return xp.sum(x * x)
+
+
+def l2_norm(xp: Any, x: Array) -> Array:
+    return xp.sqrt(sum_of_squares(xp, x))
+
+
+# ----------------------------------------------------------------- scalar helpers (prepare)
+
+
+def bias_correction(beta: Array, t: Array) -> Array:
+    """``1 - beta ** t``: the bias of an EMA started at zero after ``t`` steps."""
+    return 1 - beta**t
+
+
+def global_norm(xp: Any, leaves: list[Array], dtype: Any) -> Array:
+    """The L2 norm over all leaves, accumulated in ``dtype`` (the scalar dtype)."""
+    total = xp.zeros((), dtype=dtype, device=device_of(leaves[0]))
+    for leaf in leaves:
+        total = total + xp.astype(sum_of_squares(xp, leaf), dtype)
+    return xp.sqrt(total)

@@ -1,0 +1,294 @@
+"""The engine: ``Optimizer``/``Transform``, their state, and the per-leaf rule runner.
+
+An optimizer is two pure functions, ``init(params) -> state`` and
+``step(state, grads, params, **inputs) -> (state, params)``. Most optimizers are described by a
+:class:`Rule` -- its hyperparameters, per-leaf buffers, a per-step scalar computation done once
+in float64, and a per-leaf update written with array-API operations -- and turned into an
+``Optimizer`` (or a gradient ``Transform``) by :func:`build`. The engine owns everything the
+rules share: tree walking, input validation, hyperparameters as data, schedules, scalar
+precision and casting, ``maximize``, and the step count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from agnostic_optim import _backend, hparams as hp, trees
+
+PyTree = Any
+Array = Any
+
+
+class OptimizerState(NamedTuple):
+    """State of one rule-based optimizer or transform (a pytree of arrays).
+
+    Fields:
+      count:     0-d int32, the number of steps taken.
+      hparams:   name -> 0-d array (or tuple of 0-d arrays, e.g. ``betas``) in the scalar dtype.
+      scheduled: name -> 0-d array, the value a schedule gave at the latest step.
+      buffers:   name -> pytree shaped like params (per-leaf state, named as torch.optim names it).
+      scalars:   name -> 0-d array, running scalars that are not per leaf (NAdam's mu_product).
+    """
+
+    count: Array
+    hparams: dict[str, Any]
+    scheduled: dict[str, Array]
+    buffers: dict[str, PyTree]
+    scalars: dict[str, Array]
+
+
+@dataclass(frozen=True, eq=False)
+class Optimizer:
+    """Two pure functions: ``init(params) -> state``, ``step(state, grads, params, **inputs)``."""
+
+    init: Callable[[PyTree], PyTree]
+    step: Callable[..., tuple[PyTree, PyTree]]
+    name: str = "optimizer"
+
+    def __repr__(self) -> str:
+        return f"<agnostic_optim.Optimizer {self.name}>"
+
+
+@dataclass(frozen=True, eq=False)
+class Transform:
+    """A gradient transformation: ``init(params) -> state``, ``update(state, grads, params)``.
+
+    ``update`` returns ``(state, grads)``; transforms go before an optimizer in :func:`chain`.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
+    name: str = "transform"
+
+    def __repr__(self) -> str:
+        return f"<agnostic_optim.Transform {self.name}>"
+
+
+class Scalars(dict):
+    """Per-step scalars cast to one leaf's compute dtype; read as attributes (``s.lr``)."""
+
+    __getattr__ = dict.__getitem__
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What :attr:`Rule.prepare` sees: float64 scalars and, for global reductions, all leaves."""
+
+    xp: Any
+    h: Scalars  # current hyperparameters (constants and schedule values)
+    t: Array  # the step number being taken (1 on the first step), in the scalar dtype
+    first: Array  # 1.0 on the first step, else 0.0, in the scalar dtype
+    scalars: Mapping[str, Array]  # running scalars before this step
+    grads: list[Array]
+    params: list[Array]
+    inputs: Mapping[str, Any]
+
+
+def zeros_buffer(xp: Any, name: str, param: Array) -> Array:
+    return xp.zeros_like(param)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The maths of one optimizer, written once against the array API.
+
+    Attributes:
+      name: factory name.
+      hparams: numeric hyperparameters (floats, tuples of floats, or schedules); they become
+        state data and reach ``prepare`` as ``ctx.h`` and ``update`` as attributes of ``s``.
+      update: ``update(xp, grad, param, buffers, s, **leaf_inputs) -> (buffers, out)`` for one
+        leaf, where ``out`` is the new parameter (optimizer) or the new gradient (transform).
+      prepare: per-step scalar arithmetic in the scalar dtype (bias corrections, ...), run once
+        per step; returns extra entries for ``s``. Keys named like a running scalar update it.
+      buffers: names of the per-leaf buffers; ``init_buffer`` creates each (zeros by default).
+      scalars: running scalars and their initial values.
+      leaf_inputs: keyword inputs of ``step`` that are pytrees like params, passed per leaf.
+      inputs: other keyword inputs of ``step`` (seen by ``prepare`` as ``ctx.inputs``).
+      maximize: negate gradients (torch.optim's ``maximize``).
+    """
+
+    name: str
+    hparams: Mapping[str, Any]
+    update: Callable[..., tuple[dict[str, Array], Array]]
+    prepare: Callable[[StepContext], Mapping[str, Any]] | None = None
+    buffers: tuple[str, ...] = ()
+    init_buffer: Callable[[Any, str, Array], Array] = zeros_buffer
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    leaf_inputs: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    maximize: bool = False
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _params_namespace(leaves: list[Array], what: str) -> Any:
+    if not leaves:
+        raise ValueError(f"{what} holds no arrays")
+    for leaf in leaves:
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"{what} leaves must be arrays, got {type(leaf).__name__}")
+    xp = _backend.namespace_of(*leaves)
+    for leaf in leaves:
+        if not _backend.is_floating(xp, leaf):
+            raise TypeError(f"{what} leaves must be real floating arrays, got dtype {leaf.dtype}")
+    return xp
+
+
+def _check_like(params: list[Array], others: list[Array], what: str) -> None:
+    for i, (p, o) in enumerate(zip(params, others)):
+        if tuple(o.shape) != tuple(p.shape):
+            raise ValueError(f"{what} leaf {i} has shape {tuple(o.shape)}, param has {tuple(p.shape)}")
+        if o.dtype != p.dtype:
+            raise TypeError(f"{what} leaf {i} has dtype {o.dtype}, param has {p.dtype}")
+
+
+def flatten_step_inputs(grads: PyTree, params: PyTree) -> tuple[Any, list, list, Any]:
+    """Validate and flatten ``(grads, params)``: returns (xp, grad leaves, param leaves, treedef)."""
+    param_leaves, treedef = trees.flatten(params)
+    xp = _params_namespace(param_leaves, "params")
+    grad_leaves = trees.flatten_like(treedef, grads, "grads")
+    _backend.namespace_of(*param_leaves, *grad_leaves)
+    _check_like(param_leaves, grad_leaves, "grads")
+    return xp, grad_leaves, param_leaves, treedef
+
+
+# --------------------------------------------------------------------------- rule runner
+
+
+def _split_hparams(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Callable]]:
+    constants = {k: v for k, v in values.items() if not hp.is_schedule(v)}
+    schedules = {k: v for k, v in values.items() if hp.is_schedule(v)}
+    return constants, schedules
+
+
+def _cast_tree(xp: Any, value: Any, dtype: Any, like: Array) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_cast_tree(xp, v, dtype, like) for v in value)
+    if not hasattr(value, "dtype"):
+        return value
+    return _backend.astype(xp, _backend.to_device_of(xp, value, like), dtype)
+
+
+class _ScalarCaster:
+    """Casts the step's float64 scalars to each leaf's compute dtype, once per (dtype, device)."""
+
+    def __init__(self, xp: Any, values: Mapping[str, Any]):
+        self.xp, self.values, self.cache = xp, values, {}
+
+    def for_leaf(self, leaf: Array, dtype: Any) -> Scalars:
+        device = None if _backend.is_lazy(leaf) else _backend.device_of(leaf)
+        key = (dtype, device)
+        if key not in self.cache:
+            self.cache[key] = Scalars(
+                {k: _cast_tree(self.xp, v, dtype, leaf) for k, v in self.values.items()}
+            )
+        return self.cache[key]
+
+
+def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
+    leaves, treedef = trees.flatten(params)
+    xp = _params_namespace(leaves, "params")
+    first = leaves[0]
+    device = _backend.device_of(first)
+    dtype = _backend.scalar_dtype(xp, first)
+    constants, scheduled = hp.to_state(xp, rule.hparams, dtype, device)
+    buffers = {
+        name: trees.unflatten(treedef, [rule.init_buffer(xp, name, p) for p in leaves])
+        for name in rule.buffers
+    }
+    scalars = {k: _backend.scalar(xp, v, dtype, device) for k, v in rule.scalars.items()}
+    count = xp.asarray(0, dtype=xp.int32, device=device)
+    return OptimizerState(count, constants, scheduled, buffers, scalars)
+
+
+def apply_rule(
+    rule: Rule, state: OptimizerState, grads: PyTree, params: PyTree, inputs: Mapping[str, Any]
+) -> tuple[OptimizerState, PyTree]:
+    """One step of ``rule``: returns the new state and the per-leaf outputs as a tree."""
+    if not isinstance(state, OptimizerState):
+        raise TypeError(f"{rule.name}: expected the state made by its init, got {type(state).__name__}")
+    unknown = set(inputs) - set(rule.inputs) - set(rule.leaf_inputs)
+    if unknown:
+        raise TypeError(f"{rule.name}.step got unexpected inputs {sorted(unknown)}")
+    xp, grad_leaves, param_leaves, treedef = flatten_step_inputs(grads, params)
+    buffer_leaves = {
+        name: trees.flatten_like(treedef, tree, f"state buffer {name!r}")
+        for name, tree in state.buffers.items()
+    }
+    leaf_inputs = {}
+    for name in rule.leaf_inputs:
+        value = inputs.get(name)
+        if value is not None:
+            leaf_inputs[name] = trees.flatten_like(treedef, value, name)
+            _check_like(param_leaves, leaf_inputs[name], name)
+
+    count = state.count + 1
+    _, schedules = _split_hparams(rule.hparams)
+    scheduled = hp.evaluate_schedules(xp, schedules, state.count, state.scheduled)
+    sdtype = _backend.scalar_dtype(xp, param_leaves[0])
+    t = xp.astype(count, sdtype)
+    current = Scalars({**state.hparams, **scheduled})
+    ctx = StepContext(
+        xp=xp,
+        h=current,
+        t=t,
+        first=xp.astype(count == 1, sdtype),
+        scalars=state.scalars,
+        grads=grad_leaves,
+        params=param_leaves,
+        inputs={k: v for k, v in inputs.items() if k in rule.inputs},
+    )
+    prepared = dict(rule.prepare(ctx)) if rule.prepare is not None else {}
+    caster = _ScalarCaster(xp, {**current, **prepared})
+
+    new_buffers: dict[str, list[Array]] = {name: [] for name in rule.buffers}
+    outputs = []
+    for i, (g, p) in enumerate(zip(grad_leaves, param_leaves)):
+        dtype = _backend.compute_dtype(xp, p.dtype)
+        s = caster.for_leaf(p, dtype)
+        g = _backend.astype(xp, g, dtype)
+        if rule.maximize:
+            g = -g
+        bufs = {name: _backend.astype(xp, buffer_leaves[name][i], dtype) for name in rule.buffers}
+        extra = {name: _backend.astype(xp, v[i], dtype) for name, v in leaf_inputs.items()}
+        bufs, out = rule.update(xp, g, _backend.astype(xp, p, dtype), bufs, s, **extra)
+        for name in rule.buffers:
+            new_buffers[name].append(_backend.astype(xp, bufs[name], buffer_leaves[name][i].dtype))
+        outputs.append(_backend.astype(xp, out, p.dtype))
+
+    new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
+    new_state = OptimizerState(
+        count=count,
+        hparams=state.hparams,
+        scheduled=scheduled,
+        buffers={name: trees.unflatten(treedef, leaves) for name, leaves in new_buffers.items()},
+        scalars=new_scalars,
+    )
+    return new_state, trees.unflatten(treedef, outputs)
+
+
+def build(rule: Rule) -> Optimizer:
+    """An :class:`Optimizer` whose per-leaf output is the new parameter."""
+
+    def init(params: PyTree) -> OptimizerState:
+        return init_rule_state(rule, params)
+
+    def step(state: OptimizerState, grads: PyTree, params: PyTree, **inputs: Any):
+        return apply_rule(rule, state, grads, params, inputs)
+
+    return Optimizer(init=init, step=step, name=rule.name)
+
+
+def build_transform(rule: Rule) -> Transform:
+    """A gradient :class:`Transform` whose per-leaf output is the new gradient."""
+
+    def init(params: PyTree) -> OptimizerState:
+        return init_rule_state(rule, params)
+
+    def update(state: OptimizerState, grads: PyTree, params: PyTree):
+        return apply_rule(rule, state, grads, params, {})
+
+    return Transform(init=init, update=update, name=rule.name)

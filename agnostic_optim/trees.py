@@ -1,0 +1,155 @@
+"""Pytrees: flatten parameters into leaves and rebuild them, the same way on every backend.
+
+Parameters, gradients and optimizer state are nests of dict / list / tuple / NamedTuple / None
+with arrays at the leaves. When JAX is loaded, ``jax.tree_util`` does the work, so every JAX
+pytree (flax, equinox, custom nodes) is understood. Otherwise a small built-in walker with the
+same conventions is used (dict keys sorted, ``None`` holds no leaves), so leaf order -- and with
+it state and checkpoints -- is identical whichever is in charge.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+PyTree = Any
+KeyPath = tuple[Hashable, ...]
+
+
+def _jax_tree_util() -> Any:
+    jax = sys.modules.get("jax")
+    return jax.tree_util if jax is not None else None
+
+
+def _is_namedtuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(type(node), "_fields")
+
+
+def _children(node: Any) -> tuple[Any, list[tuple[Hashable, Any]]] | None:
+    """(node kind, [(key, child)]) for a container, ``None`` for a leaf."""
+    if node is None:
+        return ("none", [])
+    if isinstance(node, OrderedDict):
+        return (("ordereddict", tuple(node)), list(node.items()))
+    if isinstance(node, dict):
+        try:
+            keys = sorted(node)
+        except TypeError:
+            keys = list(node)
+        return (("dict", tuple(keys)), [(k, node[k]) for k in keys])
+    if _is_namedtuple(node):
+        return (("namedtuple", type(node)), list(zip(type(node)._fields, node)))
+    if isinstance(node, (list, tuple)):
+        return (("sequence", type(node), len(node)), list(enumerate(node)))
+    return None
+
+
+def _rebuild(kind: Any, children: list[Any]) -> Any:
+    if kind == "none":
+        return None
+    tag = kind[0]
+    if tag == "ordereddict":
+        return OrderedDict(zip(kind[1], children))
+    if tag == "dict":
+        return dict(zip(kind[1], children))
+    if tag == "namedtuple":
+        return kind[1](*children)
+    return kind[1](children)
+
+
+class TreeDef:
+    """Structure of a built-in pytree: hashable, comparable, rebuilds from leaves."""
+
+    __slots__ = ("_spec", "num_leaves")
+
+    def __init__(self, spec: Any, num_leaves: int):
+        self._spec = spec
+        self.num_leaves = num_leaves
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TreeDef) and self._spec == other._spec
+
+    def __hash__(self) -> int:
+        return hash(self._spec)
+
+    def __repr__(self) -> str:
+        return f"TreeDef({self._spec!r})"
+
+    def unflatten(self, leaves: Sequence[Any]) -> PyTree:
+        it = iter(leaves)
+
+        def build(spec: Any) -> Any:
+            if spec == "*":
+                return next(it)
+            kind, subs = spec
+            return _rebuild(kind, [build(s) for s in subs])
+
+        return build(self._spec)
+
+
+def _flatten_builtin(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], TreeDef]:
+    leaves: list[tuple[KeyPath, Any]] = []
+
+    def walk(node: Any, path: KeyPath) -> Any:
+        found = _children(node)
+        if found is None:
+            leaves.append((path, node))
+            return "*"
+        kind, items = found
+        return (kind, tuple(walk(child, path + (key,)) for key, child in items))
+
+    spec = walk(tree, ())
+    return leaves, TreeDef(spec, len(leaves))
+
+
+def _key_of(entry: Any) -> Hashable:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return str(entry)
+
+
+def flatten_with_paths(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], Any]:
+    """Leaves with their key paths (tuples of dict keys, indices and field names), and the treedef."""
+    tu = _jax_tree_util()
+    if tu is None:
+        return _flatten_builtin(tree)
+    pairs, treedef = tu.tree_flatten_with_path(tree)
+    return [(tuple(_key_of(e) for e in path), leaf) for path, leaf in pairs], treedef
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    """The leaves of ``tree`` in canonical order, and its treedef."""
+    tu = _jax_tree_util()
+    if tu is None:
+        pairs, treedef = _flatten_builtin(tree)
+        return [leaf for _, leaf in pairs], treedef
+    return tu.tree_flatten(tree)
+
+
+def unflatten(treedef: Any, leaves: Sequence[Any]) -> PyTree:
+    if isinstance(treedef, TreeDef):
+        return treedef.unflatten(leaves)
+    return _jax_tree_util().tree_unflatten(treedef, list(leaves))
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Apply ``fn`` leaf-wise over trees of one structure."""
+    leaves, treedef = flatten(tree)
+    others = [flatten_like(treedef, r, "tree_map argument") for r in rest]
+    return unflatten(treedef, [fn(*args) for args in zip(leaves, *others)])
+
+
+def flatten_like(treedef: Any, tree: PyTree, what: str) -> list[Any]:
+    """Leaves of ``tree``, with a clear error if its structure differs from ``treedef``."""
+    leaves, other = flatten(tree)
+    if other != treedef:
+        raise ValueError(f"{what} must have the same tree structure as params: {other} != {treedef}")
+    return leaves
+
+
+def paths_str(path: KeyPath) -> str:
+    """A readable dotted name for a key path, e.g. ``layers.0.bias``."""
+    return ".".join(str(k) for k in path) if path else "<root>"
