@@ -13,7 +13,6 @@ Adapters for framework training loops live in ``agnostic_optim.adapters``.
 """
 
 from agnostic_optim import schedules
-from agnostic_optim.first_order import sgd  # noqa: I001  (first: the registry keeps the deck's order)
 from agnostic_optim.adaptive import adagrad, adam, adamw, amsgrad, rmsprop
 from agnostic_optim.adaptive_variants import adan, lion, nadam, radam
 from agnostic_optim.composition import (
@@ -27,6 +26,7 @@ from agnostic_optim.composition import (
     skip_nonfinite,
 )
 from agnostic_optim.engine import Optimizer, OptimizerState, Transform
+from agnostic_optim.first_order import sgd
 from agnostic_optim.hparams import get_hparams, set_hparams
 from agnostic_optim.registry import RegistryEntry, registry
 

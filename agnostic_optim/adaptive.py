@@ -10,11 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from agnostic_optim import blocks, engine
-from agnostic_optim.hparams import check_betas, check_convention, check_range, is_nonzero
+from agnostic_optim.hparams import Convention, HParam, check_betas, check_convention, check_range, is_nonzero
 from agnostic_optim.registry import register
-
-from agnostic_optim.hparams import Convention, HParam
-
 
 # ----------------------------------------------------------------------------- Adagrad
 

@@ -33,9 +33,7 @@ def chain(*parts: engine.Transform | engine.Optimizer) -> engine.Optimizer | eng
     *transforms, last = parts
     for part in transforms:
         if not isinstance(part, engine.Transform):
-            raise TypeError(
-                f"only the last part of chain may be an optimizer; got {part!r} earlier"
-            )
+            raise TypeError(f"only the last part of chain may be an optimizer; got {part!r} earlier")
     if not isinstance(last, (engine.Transform, engine.Optimizer)):
         raise TypeError(f"chain parts must be Transforms or an Optimizer, got {last!r}")
     name = "chain(" + ", ".join(p.name for p in parts) + ")"
@@ -100,7 +98,9 @@ def clip_by_global_norm(max_norm: HParam, convention: Convention = "torch") -> e
         return bufs, g * s.scale
 
     return engine.build_transform(
-        engine.Rule(name="clip_by_global_norm", hparams={"max_norm": max_norm}, update=update, prepare=prepare)
+        engine.Rule(
+            name="clip_by_global_norm", hparams={"max_norm": max_norm}, update=update, prepare=prepare
+        )
     )
 
 
@@ -133,9 +133,7 @@ class MaskedState(NamedTuple):
     unselected: PyTree  # None when the unselected leaves are frozen
 
 
-def masked(
-    opt: engine.Optimizer, mask: Mask, otherwise: engine.Optimizer | None = None
-) -> engine.Optimizer:
+def masked(opt: engine.Optimizer, mask: Mask, otherwise: engine.Optimizer | None = None) -> engine.Optimizer:
     """Run ``opt`` on the leaves where ``mask`` is True and ``otherwise`` on the rest.
 
     Without ``otherwise`` the unselected leaves are left unchanged (frozen). ``mask`` is a
@@ -170,7 +168,9 @@ def masked(
             if inner is None or not any(flags):
                 new_states.append(inner_state)
                 continue
-            inner_inputs = {k: select_leaves(v, flags) if _is_tree_like(v, treedef) else v for k, v in inputs.items()}
+            inner_inputs = {
+                k: select_leaves(v, flags) if _is_tree_like(v, treedef) else v for k, v in inputs.items()
+            }
             inner_state, sub_params = inner.step(
                 inner_state, select_leaves(grads, flags), select_leaves(params, flags), **inner_inputs
             )
@@ -217,7 +217,9 @@ def skip_nonfinite(opt: engine.Optimizer) -> engine.Optimizer:
     def init(params: PyTree) -> SkipNonfiniteState:
         leaves, _ = trees.flatten(params)
         xp = _backend.namespace_of(*leaves)
-        return SkipNonfiniteState(opt.init(params), xp.asarray(0, dtype=xp.int32, device=_backend.device_of(leaves[0])))
+        return SkipNonfiniteState(
+            opt.init(params), xp.asarray(0, dtype=xp.int32, device=_backend.device_of(leaves[0]))
+        )
 
     def step(state: SkipNonfiniteState, grads: PyTree, params: PyTree, **inputs: Any):
         xp, grad_leaves, _, _ = engine.flatten_step_inputs(grads, params)
@@ -281,4 +283,3 @@ def accumulate(opt: engine.Optimizer, every: int) -> engine.Optimizer:
         return AccumulateState(inner, grad_sum, micro_step), _tree_select(xp, ready, new_params, params)
 
     return engine.Optimizer(init=init, step=step, name=f"accumulate({opt.name}, {every})")
-

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from agnostic_optim import _backend, hparams as hp, trees
+from agnostic_optim import _backend, trees
+from agnostic_optim import hparams as hp
 
 PyTree = Any
 Array = Any

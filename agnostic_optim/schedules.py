@@ -63,9 +63,7 @@ def constant(value: float) -> Schedule:
     return schedule
 
 
-def linear(
-    init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
-) -> Schedule:
+def linear(init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0) -> Schedule:
     """``init_value`` until ``transition_begin``, then linearly to ``end_value`` over
     ``transition_steps`` steps, then ``end_value``::
 
@@ -82,12 +80,10 @@ def linear(
     return schedule
 
 
-def cosine_decay(
-    init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0
-) -> Schedule:
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, exponent: float = 1.0) -> Schedule:
     """Cosine decay from ``init_value`` to ``alpha · init_value`` over ``decay_steps``::
 
-        v(t) = init · ((1 - α) · (½ (1 + cos(π min(t, n) / n)))^exponent + α)
+    v(t) = init · ((1 - α) · (½ (1 + cos(π min(t, n) / n)))^exponent + α)
     """
     _check_steps("decay_steps", decay_steps)
 

@@ -98,7 +98,7 @@ def _flatten_builtin(tree: PyTree) -> tuple[list[tuple[KeyPath, Any]], TreeDef]:
             leaves.append((path, node))
             return "*"
         kind, items = found
-        return (kind, tuple(walk(child, path + (key,)) for key, child in items))
+        return (kind, tuple(walk(child, (*path, key)) for key, child in items))
 
     spec = walk(tree, ())
     return leaves, TreeDef(spec, len(leaves))

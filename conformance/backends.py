@@ -74,7 +74,9 @@ def _load(name: str) -> Backend:
         if name == "numpy":
             import array_api_compat.numpy as xp
 
-            return Backend(name, xp, np, dtypes={"float32": np.float32, "float64": np.float64, "float16": np.float16})
+            return Backend(
+                name, xp, np, dtypes={"float32": np.float32, "float64": np.float64, "float16": np.float16}
+            )
         if name == "array_api_strict":
             strict = importlib.import_module("array_api_strict")
             return Backend(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from agnostic_optim.conformance.backends import BACKEND_NAMES, Backend, get_backend
 
 

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-
 from agnostic_optim.conformance.backends import Backend
 from agnostic_optim.conformance.compare import max_relative_error, relative_error
 
@@ -14,7 +13,9 @@ from agnostic_optim.conformance.compare import max_relative_error, relative_erro
 LEAF_SHAPES: tuple[tuple[int, ...], ...] = ((), (3,), (4, 5), (2, 3, 2, 2))
 
 
-def random_leaves(rng: np.random.Generator, shapes: Sequence[tuple[int, ...]] = LEAF_SHAPES) -> list[np.ndarray]:
+def random_leaves(
+    rng: np.random.Generator, shapes: Sequence[tuple[int, ...]] = LEAF_SHAPES
+) -> list[np.ndarray]:
     return [rng.standard_normal(shape) for shape in shapes]
 
 
@@ -43,7 +44,9 @@ def run_functional(
     return trajectory
 
 
-def trajectory_error(ours: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]) -> float:
+def trajectory_error(
+    ours: Sequence[Sequence[np.ndarray]], reference: Sequence[Sequence[np.ndarray]]
+) -> float:
     """The worst relative error over every step and leaf of two trajectories."""
     assert len(ours) == len(reference)
     return max(max_relative_error(a, b) for a, b in zip(ours, reference))
