@@ -20,7 +20,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.demo
+	$(BIN)/python benchmarks/demo.py
 
 lint: $(BIN)/.installed
 	$(BIN)/python -m ruff check .
