@@ -25,9 +25,10 @@ from agnostic_optim.composition import (
     masked,
     skip_nonfinite,
 )
-from agnostic_optim.engine import Optimizer, OptimizerState, Transform
+from agnostic_optim.engine import Optimizer, OptimizerState, Transform, mixed_precision
 from agnostic_optim.first_order import sgd
 from agnostic_optim.hparams import get_hparams, set_hparams
+from agnostic_optim.layerwise import lamb, lars
 from agnostic_optim.registry import RegistryEntry, registry
 
 __version__ = "0.1.0"
@@ -49,8 +50,11 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "get_hparams",
+    "lamb",
+    "lars",
     "lion",
     "masked",
+    "mixed_precision",
     "nadam",
     "radam",
     "registry",

@@ -55,3 +55,21 @@ def global_norm(xp: Any, leaves: list[Array], dtype: Any) -> Array:
     for leaf in leaves:
         total = total + xp.astype(sum_of_squares(xp, leaf), dtype)
     return xp.sqrt(total)
+
+
+def trust_ratio(
+    xp: Any, numerator: Array, denominator: Array, param_norm: Array, update_norm: Array
+) -> Array:
+    """``numerator / denominator`` where both norms are positive, else 1 (no layer adaptation).
+
+    The layer-wise trust ratio of LARS and LAMB: a zero weight norm (fresh bias) or a zero
+    update norm leaves the step unscaled, as timm and optax do.
+    """
+    adapt = (param_norm > 0) & (update_norm > 0)
+    one = xp.ones_like(numerator)
+    return xp.where(adapt, numerator / xp.where(adapt, denominator, one), one)
+
+
+def clip_above_one(xp: Any, x: Array) -> Array:
+    """``min(x, 1)``."""
+    return xp.where(x < 1, x, xp.ones_like(x))

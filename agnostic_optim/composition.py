@@ -107,19 +107,6 @@ def clip_by_global_norm(max_norm: HParam, convention: Convention = "torch") -> e
 # ----------------------------------------------------------------------------- masks
 
 
-def resolve_mask(mask: Mask, params: PyTree) -> list[bool]:
-    """One static bool per leaf of ``params`` from a bool pytree or a ``(path, leaf)`` callable."""
-    pairs, treedef = trees.flatten_with_paths(params)
-    if callable(mask):
-        flags = [mask(path, leaf) for path, leaf in pairs]
-    else:
-        flags = trees.flatten_like(treedef, mask, "mask")
-    for flag in flags:
-        if not isinstance(flag, bool):
-            raise TypeError(f"mask entries must be Python bools, got {type(flag).__name__}")
-    return flags
-
-
 def select_leaves(tree: PyTree, flags: list[bool]) -> PyTree:
     """``tree`` with the leaves whose flag is False replaced by ``None`` (an empty subtree)."""
     leaves, treedef = trees.flatten(tree)
@@ -148,7 +135,7 @@ def masked(opt: engine.Optimizer, mask: Mask, otherwise: engine.Optimizer | None
     """
 
     def parts(params: PyTree) -> tuple[list[bool], list[bool]]:
-        flags = resolve_mask(mask, params)
+        flags = engine.resolve_mask(mask, params)
         return flags, [not f for f in flags]
 
     def init(params: PyTree) -> MaskedState:

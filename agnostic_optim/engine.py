@@ -12,11 +12,12 @@ precision and casting, ``maximize``, and the step count.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from agnostic_optim import _backend, trees
 from agnostic_optim import hparams as hp
+from agnostic_optim.precision import Compensation, Precision
 
 PyTree = Any
 Array = Any
@@ -47,6 +48,7 @@ class Optimizer:
     init: Callable[[PyTree], PyTree]
     step: Callable[..., tuple[PyTree, PyTree]]
     name: str = "optimizer"
+    rule: Rule | None = None  # the maths, for optimizers built from one (see ``mixed_precision``)
 
     def __repr__(self) -> str:
         return f"<agnostic_optim.Optimizer {self.name}>"
@@ -108,6 +110,9 @@ class Rule:
       leaf_inputs: keyword inputs of ``step`` that are pytrees like params, passed per leaf.
       inputs: other keyword inputs of ``step`` (seen by ``prepare`` as ``ctx.inputs``).
       maximize: negate gradients (torch.optim's ``maximize``).
+      mask: static per-leaf selection (a bool pytree or a ``(path, leaf) -> bool`` callable);
+        when set, ``update`` receives ``selected=<bool>`` for each leaf.
+      precision: state storage dtype and param compensation (:mod:`agnostic_optim.precision`).
     """
 
     name: str
@@ -120,6 +125,8 @@ class Rule:
     leaf_inputs: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     maximize: bool = False
+    mask: Any = None
+    precision: Precision = field(default_factory=Precision)
 
 
 # --------------------------------------------------------------------------- validation
@@ -189,6 +196,24 @@ class _ScalarCaster:
         return self.cache[key]
 
 
+def resolve_mask(mask: Any, params: PyTree) -> list[bool]:
+    """One static bool per leaf of ``params`` from a bool pytree or a ``(path, leaf)`` callable."""
+    pairs, treedef = trees.flatten_with_paths(params)
+    if callable(mask):
+        flags = [mask(path, leaf) for path, leaf in pairs]
+    else:
+        flags = trees.flatten_like(treedef, mask, "mask")
+    for flag in flags:
+        if not isinstance(flag, bool):
+            raise TypeError(f"mask entries must be Python bools, got {type(flag).__name__}")
+    return flags
+
+
+def _all_buffers(rule: Rule) -> tuple[str, ...]:
+    extra = rule.precision.extra_buffer
+    return rule.buffers + ((extra,) if extra else ())
+
+
 def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
     leaves, treedef = trees.flatten(params)
     xp = _params_namespace(leaves, "params")
@@ -196,10 +221,18 @@ def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
     device = _backend.device_of(first)
     dtype = _backend.scalar_dtype(xp, first)
     constants, scheduled = hp.to_state(xp, rule.hparams, dtype, device)
+    precision = rule.precision
+
+    def rule_buffer(name: str, p: Array) -> Array:
+        return _backend.astype(xp, rule.init_buffer(xp, name, p), precision.storage_dtype(xp, p))
+
     buffers = {
-        name: trees.unflatten(treedef, [rule.init_buffer(xp, name, p) for p in leaves])
-        for name in rule.buffers
+        name: trees.unflatten(treedef, [rule_buffer(name, p) for p in leaves]) for name in rule.buffers
     }
+    if precision.extra_buffer:
+        buffers[precision.extra_buffer] = trees.unflatten(
+            treedef, [precision.init_extra(xp, p) for p in leaves]
+        )
     scalars = {k: _backend.scalar(xp, v, dtype, device) for k, v in rule.scalars.items()}
     count = xp.asarray(0, dtype=xp.int32, device=device)
     return OptimizerState(count, constants, scheduled, buffers, scalars)
@@ -215,9 +248,13 @@ def apply_rule(
     if unknown:
         raise TypeError(f"{rule.name}.step got unexpected inputs {sorted(unknown)}")
     xp, grad_leaves, param_leaves, treedef = flatten_step_inputs(grads, params)
+    names = _all_buffers(rule)
+    if set(state.buffers) != set(names):
+        raise ValueError(
+            f"{rule.name}: state holds buffers {sorted(state.buffers)}, expected {sorted(names)}"
+        )
     buffer_leaves = {
-        name: trees.flatten_like(treedef, tree, f"state buffer {name!r}")
-        for name, tree in state.buffers.items()
+        name: trees.flatten_like(treedef, state.buffers[name], f"state buffer {name!r}") for name in names
     }
     leaf_inputs = {}
     for name in rule.leaf_inputs:
@@ -225,6 +262,7 @@ def apply_rule(
         if value is not None:
             leaf_inputs[name] = trees.flatten_like(treedef, value, name)
             _check_like(param_leaves, leaf_inputs[name], name)
+    flags = resolve_mask(rule.mask, params) if rule.mask is not None else None
 
     count = state.count + 1
     _, schedules = _split_hparams(rule.hparams)
@@ -244,21 +282,29 @@ def apply_rule(
     )
     prepared = dict(rule.prepare(ctx)) if rule.prepare is not None else {}
     caster = _ScalarCaster(xp, {**current, **prepared})
+    precision, extra_name = rule.precision, rule.precision.extra_buffer
 
-    new_buffers: dict[str, list[Array]] = {name: [] for name in rule.buffers}
+    new_buffers: dict[str, list[Array]] = {name: [] for name in names}
     outputs = []
     for i, (g, p) in enumerate(zip(grad_leaves, param_leaves)):
-        dtype = _backend.compute_dtype(xp, p.dtype)
+        dtype = precision.compute_dtype(xp, p)
         s = caster.for_leaf(p, dtype)
         g = _backend.astype(xp, g, dtype)
         if rule.maximize:
             g = -g
         bufs = {name: _backend.astype(xp, buffer_leaves[name][i], dtype) for name in rule.buffers}
-        extra = {name: _backend.astype(xp, v[i], dtype) for name, v in leaf_inputs.items()}
-        bufs, out = rule.update(xp, g, _backend.astype(xp, p, dtype), bufs, s, **extra)
+        kwargs = {name: _backend.astype(xp, v[i], dtype) for name, v in leaf_inputs.items()}
+        if flags is not None:
+            kwargs["selected"] = flags[i]
+        extra = buffer_leaves[extra_name][i] if extra_name else None
+        working = precision.working_param(xp, p, extra, dtype)
+        bufs, out = rule.update(xp, g, working, bufs, s, **kwargs)
         for name in rule.buffers:
             new_buffers[name].append(_backend.astype(xp, bufs[name], buffer_leaves[name][i].dtype))
-        outputs.append(_backend.astype(xp, out, p.dtype))
+        out, extra = precision.commit_param(xp, out, p.dtype, extra)
+        if extra_name:
+            new_buffers[extra_name].append(extra)
+        outputs.append(out)
 
     new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
     new_state = OptimizerState(
@@ -280,7 +326,7 @@ def build(rule: Rule) -> Optimizer:
     def step(state: OptimizerState, grads: PyTree, params: PyTree, **inputs: Any):
         return apply_rule(rule, state, grads, params, inputs)
 
-    return Optimizer(init=init, step=step, name=rule.name)
+    return Optimizer(init=init, step=step, name=rule.name, rule=rule)
 
 
 def build_transform(rule: Rule) -> Transform:
@@ -293,3 +339,23 @@ def build_transform(rule: Rule) -> Transform:
         return apply_rule(rule, state, grads, params, {})
 
     return Transform(init=init, update=update, name=rule.name)
+
+
+def mixed_precision(
+    opt: Optimizer, *, state_dtype: Any = None, compensation: Compensation = None
+) -> Optimizer:
+    """``opt`` with its state stored in ``state_dtype`` and low-precision params compensated.
+
+    ``state_dtype`` is a dtype or its name (``"float32"``, ``"bfloat16"``); ``compensation`` is
+    ``"kahan"`` (a param-dtype buffer holding what each rounding lost -- recommended for bf16
+    params), ``"master"`` (float32 master weights in the state) or None. See
+    :mod:`agnostic_optim.precision`. Works for every optimizer built from a rule; wrap a
+    wrapper's base instead (``ao.sam(ao.mixed_precision(ao.adamw(...)))``).
+    """
+    if opt.rule is None:
+        raise TypeError(
+            f"mixed_precision needs an optimizer built from an update rule; {opt.name} is a wrapper: "
+            "apply mixed_precision to the optimizer it wraps"
+        )
+    precision = Precision(state_dtype=state_dtype, compensation=compensation)
+    return build(replace(opt.rule, precision=precision))

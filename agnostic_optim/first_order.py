@@ -9,10 +9,20 @@ from agnostic_optim.hparams import HParam, check_range, is_nonzero
 from agnostic_optim.registry import register
 
 
-def _momentum_coefficients(ctx: engine.StepContext) -> dict[str, Any]:
-    """Scalars so that ``buf = buf * keep + g * take`` equals torch's first-step copy ``buf = g``."""
+def momentum_prepare(ctx: engine.StepContext) -> dict[str, Any]:
+    """Scalars so that ``buf * keep + g * take`` is torch's heavy-ball update, first step included.
+
+    torch seeds the buffer with the first gradient (``b_1 = g``) and afterwards computes
+    ``b_t = μ b_{t-1} + (1 - τ) g``; ``keep``/``take`` encode both without a branch.
+    """
     h, first = ctx.h, ctx.first
     return {"keep": h.momentum * (1 - first), "take": first + (1 - first) * (1 - h.dampening)}
+
+
+def heavy_ball(buf: Any, g: Any, s: engine.Scalars, nesterov: bool) -> tuple[Any, Any]:
+    """(new momentum buffer, update direction) of SGD momentum; see :func:`momentum_prepare`."""
+    buf = buf * s.keep + g * s.take
+    return buf, (g + buf * s.momentum if nesterov else buf)
 
 
 @register("plain first-order / momentum")
@@ -57,9 +67,8 @@ def sgd(
         if use_decay:
             g = blocks.coupled_weight_decay(g, p, s.weight_decay)
         if use_momentum:
-            buf = bufs["momentum_buffer"] * s.keep + g * s.take
+            buf, g = heavy_ball(bufs["momentum_buffer"], g, s, nesterov)
             bufs = {"momentum_buffer": buf}
-            g = g + buf * s.momentum if nesterov else buf
         return bufs, p - g * s.lr
 
     return engine.build(
@@ -67,7 +76,7 @@ def sgd(
             name="sgd",
             hparams=hparams,
             update=update,
-            prepare=_momentum_coefficients if use_momentum else None,
+            prepare=momentum_prepare if use_momentum else None,
             buffers=("momentum_buffer",) if use_momentum else (),
             maximize=maximize,
         )

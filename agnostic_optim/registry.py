@@ -60,5 +60,6 @@ def register(family: str, *, inputs: Mapping[str, str] | None = None, wraps: boo
 
 
 def registry() -> dict[str, RegistryEntry]:
-    """Every registered optimizer factory by name, in the seed deck's order."""
-    return dict(_REGISTRY)
+    """Every registered optimizer factory by name, in the seed deck's order of families."""
+    ordered = sorted(_REGISTRY.values(), key=lambda entry: FAMILIES.index(entry.family))
+    return {entry.name: entry for entry in ordered}
