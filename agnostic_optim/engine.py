@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from agnostic_optim import _backend, trees
 from agnostic_optim import hparams as hp
@@ -72,7 +72,11 @@ class Transform:
 class Scalars(dict):
     """Per-step scalars cast to one leaf's compute dtype; read as attributes (``s.lr``)."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no scalar {name!r} in this step (have {sorted(self)})") from None
 
 
 @dataclass(frozen=True)
@@ -209,9 +213,47 @@ def resolve_mask(mask: Any, params: PyTree) -> list[bool]:
     return flags
 
 
-def _all_buffers(rule: Rule) -> tuple[str, ...]:
+def buffer_names(rule: Rule) -> tuple[str, ...]:
+    """The per-leaf buffers in a rule's state: its own and the precision compensation's."""
     extra = rule.precision.extra_buffer
     return rule.buffers + ((extra,) if extra else ())
+
+
+class Batching(Protocol):
+    """Packs several leaves into one operand the rule can run on (see :func:`apply_rule`)."""
+
+    xp: Any  # the namespace of packed operands
+
+    def pack(self, arrays: list[Array]) -> Any: ...
+
+    def unpack(self, packed: Any) -> list[Array]: ...
+
+
+def _leaf_groups(
+    params: list[Array],
+    buffers: Mapping[str, list[Array]],
+    flags: list[bool] | None,
+    batching: Batching | None,
+) -> list[list[int]]:
+    """Indices of leaves that run together: singletons, or same dtype/device/mask flag when batching."""
+    if batching is None:
+        return [[i] for i in range(len(params))]
+    groups: dict[Any, list[int]] = {}
+    for i, p in enumerate(params):
+        key = (
+            p.dtype,
+            _backend.device_of(p),
+            tuple(leaves[i].dtype for leaves in buffers.values()),
+            None if flags is None else flags[i],
+        )
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _packers(batching: Batching | None, xp: Any) -> tuple[Callable, Callable, Any]:
+    if batching is None:
+        return (lambda arrays: arrays[0]), (lambda packed: [packed]), xp
+    return batching.pack, batching.unpack, batching.xp
 
 
 def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
@@ -239,16 +281,26 @@ def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
 
 
 def apply_rule(
-    rule: Rule, state: OptimizerState, grads: PyTree, params: PyTree, inputs: Mapping[str, Any]
+    rule: Rule,
+    state: OptimizerState,
+    grads: PyTree,
+    params: PyTree,
+    inputs: Mapping[str, Any],
+    batching: Batching | None = None,
 ) -> tuple[OptimizerState, PyTree]:
-    """One step of ``rule``: returns the new state and the per-leaf outputs as a tree."""
+    """One step of ``rule``: returns the new state and the per-leaf outputs as a tree.
+
+    Without ``batching`` the rule runs once per leaf. With it, leaves that share dtypes, device
+    and mask flag are packed into one batched operand and the rule runs once per group (the torch
+    adapter's eager path packs them into lists that dispatch to fused ``_foreach`` kernels).
+    """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"{rule.name}: expected the state made by its init, got {type(state).__name__}")
     unknown = set(inputs) - set(rule.inputs) - set(rule.leaf_inputs)
     if unknown:
         raise TypeError(f"{rule.name}.step got unexpected inputs {sorted(unknown)}")
     xp, grad_leaves, param_leaves, treedef = flatten_step_inputs(grads, params)
-    names = _all_buffers(rule)
+    names = buffer_names(rule)
     if set(state.buffers) != set(names):
         raise ValueError(
             f"{rule.name}: state holds buffers {sorted(state.buffers)}, expected {sorted(names)}"
@@ -284,27 +336,40 @@ def apply_rule(
     caster = _ScalarCaster(xp, {**current, **prepared})
     precision, extra_name = rule.precision, rule.precision.extra_buffer
 
-    new_buffers: dict[str, list[Array]] = {name: [] for name in names}
-    outputs = []
-    for i, (g, p) in enumerate(zip(grad_leaves, param_leaves)):
-        dtype = precision.compute_dtype(xp, p)
-        s = caster.for_leaf(p, dtype)
-        g = _backend.astype(xp, g, dtype)
+    pack, unpack, uxp = _packers(batching, xp)
+    new_buffers: dict[str, list[Array]] = {name: [None] * len(param_leaves) for name in names}
+    outputs: list[Array] = [None] * len(param_leaves)
+    for group in _leaf_groups(param_leaves, buffer_leaves, flags, batching):
+        first = param_leaves[group[0]]
+        dtype = precision.compute_dtype(xp, first)
+        s = caster.for_leaf(first, dtype)
+
+        def gather(
+            leaves: list[Array], convert: bool = True, group: list[int] = group, dtype: Any = dtype
+        ) -> Any:
+            """The group's leaves packed into one operand, cast to the compute dtype if ``convert``."""
+            return pack([_backend.astype(xp, leaves[i], dtype) if convert else leaves[i] for i in group])
+
+        g = gather(grad_leaves)
         if rule.maximize:
             g = -g
-        bufs = {name: _backend.astype(xp, buffer_leaves[name][i], dtype) for name in rule.buffers}
-        kwargs = {name: _backend.astype(xp, v[i], dtype) for name, v in leaf_inputs.items()}
+        bufs = {name: gather(buffer_leaves[name]) for name in rule.buffers}
+        kwargs = {name: gather(v) for name, v in leaf_inputs.items()}
         if flags is not None:
-            kwargs["selected"] = flags[i]
-        extra = buffer_leaves[extra_name][i] if extra_name else None
-        working = precision.working_param(xp, p, extra, dtype)
-        bufs, out = rule.update(xp, g, working, bufs, s, **kwargs)
+            kwargs["selected"] = flags[group[0]]
+        extra = gather(buffer_leaves[extra_name], convert=False) if extra_name else None
+        working = precision.working_param(uxp, gather(param_leaves, convert=False), extra, dtype)
+        bufs, out = rule.update(uxp, g, working, bufs, s, **kwargs)
+        out, extra = precision.commit_param(uxp, out, first.dtype, extra)
+        results = {"": unpack(out)}
         for name in rule.buffers:
-            new_buffers[name].append(_backend.astype(xp, bufs[name], buffer_leaves[name][i].dtype))
-        out, extra = precision.commit_param(xp, out, p.dtype, extra)
+            results[name] = unpack(_backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype))
         if extra_name:
-            new_buffers[extra_name].append(extra)
-        outputs.append(out)
+            results[extra_name] = unpack(extra)
+        for position, i in enumerate(group):
+            outputs[i] = results[""][position]
+            for name in names:
+                new_buffers[name][i] = results[name][position]
 
     new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
     new_state = OptimizerState(

@@ -78,11 +78,16 @@ class TreeDef:
         return f"TreeDef({self._spec!r})"
 
     def unflatten(self, leaves: Sequence[Any]) -> PyTree:
-        it = iter(leaves)
+        leaves = list(leaves)
+        if len(leaves) != self.num_leaves:
+            raise ValueError(f"expected {self.num_leaves} leaves, got {len(leaves)}")
+        position = 0
 
         def build(spec: Any) -> Any:
+            nonlocal position
             if spec == "*":
-                return next(it)
+                position += 1
+                return leaves[position - 1]
             kind, subs = spec
             return _rebuild(kind, [build(s) for s in subs])
 

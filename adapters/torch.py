@@ -1,0 +1,398 @@
+"""PyTorch adapter: ``torch.optim.Optimizer`` classes backed by the array-API core.
+
+Drop-in replacements for torch.optim (same class names, constructor arguments, param groups,
+``state_dict`` keys and numbers) plus classes for optimizers torch lacks::
+
+    from agnostic_optim.adapters.torch import AdamW, Lion, TorchOptimizer
+    opt = AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = TorchOptimizer(model.parameters(), ao.adan, lr=1e-3)          # any factory
+
+The adapter translates, the core computes: each step it gathers a group's parameters that have
+gradients, assembles the core state from torch's per-parameter ``self.state[p]`` (``step``,
+``exp_avg``, ...), runs the core's update rule and writes the results back in place.
+Hyperparameters are read from ``group[...]`` every step, so ``torch.optim.lr_scheduler`` (and
+OneCycleLR cycling ``betas``/``momentum``) and manual edits just work.
+
+Two execution paths run the same rule:
+
+* eager (default): leaves of one dtype and device are packed into lists and the rule runs once
+  per group on ``torch._foreach_*`` kernels (see ``_tensor_list``) -- no compilation, no host
+  syncs, instant start;
+* ``compile=True``: the whole step over all parameters is compiled by ``torch.compile``
+  (Inductor fuses it into a few loops writing params and state in place). Hyperparameters are
+  tensors, so changing lr never recompiles. The first step pays the compilation (~10-20 s on
+  CPU), so it is opt-in: worth it for long runs.
+
+Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
+:func:`agnostic_optim.mixed_precision`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import array_api_compat.torch
+import torch
+from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
+
+import agnostic_optim as ao
+from agnostic_optim import _backend, engine
+from agnostic_optim.hparams import is_schedule
+
+engine_namespace = array_api_compat.torch
+
+__all__ = [
+    "LAMB",
+    "LARS",
+    "SGD",
+    "AMSGrad",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adan",
+    "Lion",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "TorchOptimizer",
+]
+
+# torch.optim constructor flags that change how torch runs, not what it computes.
+_TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
+_PRECISION_OPTIONS = ("state_dtype", "compensation")
+
+
+class _ForeachBatching:
+    """Packs same-dtype, same-device leaves into a TensorList (see :func:`engine.apply_rule`)."""
+
+    xp = NAMESPACE
+
+    @staticmethod
+    def pack(arrays: list[torch.Tensor]) -> TensorList:
+        return TensorList(arrays)
+
+    @staticmethod
+    def unpack(packed: TensorList) -> list[torch.Tensor]:
+        return packed.tensors
+
+
+def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
+    if isinstance(factory, str):
+        entries = ao.registry()
+        if factory not in entries:
+            raise ValueError(f"unknown optimizer {factory!r}; registered: {sorted(entries)}")
+        return entries[factory].factory
+    if not callable(factory):
+        raise TypeError(f"factory must be an agnostic_optim factory or its name, got {factory!r}")
+    return factory
+
+
+def _factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(factory).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _structure_key(options: dict[str, Any]) -> tuple:
+    """What decides a rule's structure: non-numeric options, and which numbers are zero."""
+
+    def shape(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(shape(v) for v in value)
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):
+            return "zero" if value == 0 else "number"
+        if isinstance(value, torch.Tensor):
+            return "tensor"
+        return ("object", id(value))
+
+    return tuple((name, shape(value)) for name, value in sorted(options.items()))
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running any agnostic_optim factory.
+
+    Args:
+      params: an iterable of tensors or of param-group dicts, as for torch.optim.
+      factory: an ``agnostic_optim`` factory (``ao.adamw``) or its registry name (``"adamw"``).
+      compile: run the step through ``torch.compile`` (see the module docstring).
+      state_dtype, compensation: mixed precision, see :func:`agnostic_optim.mixed_precision`.
+      **hparams: the factory's hyperparameters and options; they become the defaults of every
+        param group. torch.optim's ``foreach``/``fused``/``capturable`` are accepted and ignored
+        (they choose torch's execution, not its numbers).
+    """
+
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        factory: Callable[..., ao.Optimizer] | str,
+        *,
+        compile: bool = False,
+        **hparams: Any,
+    ):
+        self._factory = _resolve_factory(factory)
+        defaults = _factory_defaults(self._factory)
+        for flag in _TORCH_EXECUTION_FLAGS:
+            hparams.pop(flag, None)
+        if hparams.pop("differentiable", False):
+            raise NotImplementedError("differentiable=True (autograd through the step) is not supported")
+        unknown = set(hparams) - set(defaults) - set(_PRECISION_OPTIONS)
+        if unknown:
+            raise TypeError(f"{self._factory.__name__} got unexpected hyperparameters {sorted(unknown)}")
+        defaults.update(state_dtype=None, compensation=None)
+        defaults.update(hparams)
+        self._compile = compile
+        self._rules: dict[tuple, ao.Optimizer] = {}
+        self._compiled: dict[int, Callable[..., Any]] = {}
+        self._hparam_tensors: dict[tuple, dict[str, Any]] = {}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._optimizer_for(group)  # validate every group's hyperparameters now
+
+    # ---------------------------------------------------------------- building the core rule
+
+    def _options(self, group: dict[str, Any]) -> dict[str, Any]:
+        names = _factory_defaults(self._factory)
+        return {name: group.get(name, default) for name, default in names.items()}
+
+    def _optimizer_for(self, group: dict[str, Any]) -> ao.Optimizer:
+        options = self._options(group)
+        precision = {k: group.get(k) for k in _PRECISION_OPTIONS}
+        key = (_structure_key(options), tuple(precision.items()))
+        if key not in self._rules:
+            opt = self._factory(**{k: _plain(v) for k, v in options.items()})
+            if opt.rule is None:
+                raise TypeError(
+                    f"{self._factory.__name__} is a wrapper; the torch adapter runs rule optimizers"
+                )
+            if any(v is not None for v in precision.values()):
+                opt = ao.mixed_precision(opt, **precision)
+            self._rules[key] = opt
+        return self._rules[key]
+
+    def _hparams(self, group: dict[str, Any], rule: engine.Rule, like: torch.Tensor) -> dict[str, Any]:
+        """The group's numeric hyperparameters as 0-d float64 tensors on ``like``'s device.
+
+        The tensors are cached per group and refilled in place when a value changes, so the
+        compiled path sees the same inputs (no recompilation) and CUDA sees no host copies.
+        """
+        dtype = _backend.scalar_dtype(engine_namespace, like)
+        cache = self._hparam_tensors.setdefault((id(group), like.device), {})
+        values = {}
+        for name, spec in rule.hparams.items():
+            if is_schedule(spec):
+                continue
+            value = group[name]
+            if isinstance(value, (tuple, list)):
+                values[name] = tuple(
+                    _scalar_tensor(cache, f"{name}[{i}]", v, dtype, like) for i, v in enumerate(value)
+                )
+            else:
+                values[name] = _scalar_tensor(cache, name, value, dtype, like)
+        return values
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients; "
+                        "use torch.optim.SparseAdam or densify the gradient"
+                    )
+            opt = self._optimizer_for(group)
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(_initial_param_state(opt.rule, p))
+            for subset in _by_history(params, self.state, opt.rule):
+                self._step_subset(group, opt.rule, subset)
+        return loss
+
+    def _step_subset(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> None:
+        first = params[0]
+        states = [self.state[p] for p in params]
+        names = engine.buffer_names(rule)
+        buffers = {name: [_storage(rule, p, s[name]) for p, s in zip(params, states)] for name in names}
+        scalars = {k: states[0][k].to(torch.float64) for k in rule.scalars}
+        count = int(states[0]["step"])
+        hparams = self._hparams(group, rule, first)
+        grads = [p.grad for p in params]
+        if self._compile:
+            new_scalars, new_buffers = self._compiled_step(rule)(
+                count, hparams, scalars, params, grads, buffers
+            )
+        else:
+            new_scalars, new_buffers = _eager_step(rule, count, hparams, scalars, params, grads, buffers)
+        for i, s in enumerate(states):
+            s["step"] = torch.as_tensor(s["step"]) + 1
+            for name in names:
+                s[name] = new_buffers[name][i]
+            for k, v in new_scalars.items():
+                s[k] = v.to(s[k].dtype)
+
+    def _compiled_step(self, rule: engine.Rule) -> Callable[..., Any]:
+        if id(rule) not in self._compiled:
+            self._compiled[id(rule)] = torch.compile(
+                lambda *args: _functional_step(rule, *args, in_place=True), dynamic=False
+            )
+        compiled = self._compiled[id(rule)]
+
+        def run(count, hparams, scalars, params, grads, buffers):
+            count_tensor = torch.tensor(count, dtype=torch.int32, device=params[0].device)
+            return compiled(count_tensor, hparams, scalars, params, grads, buffers)
+
+        return run
+
+
+def _plain(value: Any) -> Any:
+    """A Python number for 0-d tensors (factories validate numbers), else the value."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dtype, like: torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype=dtype, device=like.device)
+    entry = cache.get(key)
+    if entry is None:
+        entry = cache[key] = [torch.tensor(float(value), dtype=dtype, device=like.device), float(value)]
+    elif entry[1] != value:
+        entry[0].fill_(float(value))
+        entry[1] = float(value)
+    return entry[0]
+
+
+def _initial_param_state(rule: engine.Rule, p: torch.Tensor) -> dict[str, Any]:
+    """torch-style per-parameter state: ``step`` (a CPU float tensor, as torch keeps it) + buffers."""
+    state = engine.init_rule_state(rule, [p.detach()])
+    scalar_dtype = torch.get_default_dtype()  # torch.optim's _get_scalar_dtype()
+    per_param = {"step": torch.tensor(0.0, dtype=scalar_dtype)}
+    for name, leaves in state.buffers.items():
+        per_param[name] = leaves[0]
+    for name, value in state.scalars.items():
+        per_param[name] = value.to(scalar_dtype)
+    return per_param
+
+
+def _storage(rule: engine.Rule, p: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A state buffer in the dtype the rule stores it in (torch's load_state_dict casts to the
+    param's dtype, which would silently drop a float32 state of bf16 params)."""
+    if rule.precision.compensation == "master" and buffer is not None:
+        return buffer.to(rule.precision.compute_dtype(torch, p))
+    want = rule.precision.storage_dtype(torch, p)
+    return buffer if buffer.dtype == want or rule.precision.compensation == "kahan" else buffer.to(want)
+
+
+def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> list[list[torch.Tensor]]:
+    """Params grouped by step count (and running scalars): torch keeps one ``step`` per param."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        s = state[p]
+        key = (float(s["step"]), *(float(s[k]) for k in rule.scalars))
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
+def _functional_step(rule, count, hparams, scalars, params, grads, buffers, *, in_place, batching=None):
+    """Run the core rule on lists of tensors; write params (and, if ``in_place``, buffers) back."""
+    state = engine.OptimizerState(count, hparams, {}, buffers, scalars)
+    new_state, new_params = engine.apply_rule(rule, state, grads, list(params), {}, batching=batching)
+    torch._foreach_copy_(list(params), new_params)
+    if in_place:
+        for name, values in new_state.buffers.items():
+            torch._foreach_copy_(buffers[name], values)
+        return new_state.scalars, buffers
+    return new_state.scalars, new_state.buffers
+
+
+def _eager_step(rule, count, hparams, scalars, params, grads, buffers):
+    count_tensor = torch.tensor(count, dtype=torch.int32, device=params[0].device)
+    return _functional_step(
+        rule,
+        count_tensor,
+        hparams,
+        scalars,
+        params,
+        grads,
+        buffers,
+        in_place=False,
+        batching=_ForeachBatching(),
+    )
+
+
+# ---------------------------------------------------------------- named classes
+
+
+def _named_class(
+    name: str, factory: Callable[..., ao.Optimizer], positional: tuple[str, ...] | None = None
+) -> type[TorchOptimizer]:
+    """A TorchOptimizer subclass for one factory, taking its hyperparameters positionally in
+    ``positional`` order (torch's order for torch's classes) and by keyword."""
+    order = positional or tuple(_factory_defaults(factory))
+
+    def __init__(self, params, *args: Any, compile: bool = False, **hparams: Any) -> None:
+        if len(args) > len(order):
+            raise TypeError(f"{name} takes at most {len(order)} positional hyperparameters")
+        for key, value in zip(order, args):
+            if key in hparams:
+                raise TypeError(f"{name} got multiple values for argument {key!r}")
+            hparams[key] = value
+        TorchOptimizer.__init__(self, params, factory, compile=compile, **hparams)
+
+    doc = (
+        f"``torch.optim.Optimizer`` running ``agnostic_optim.{factory.__name__}`` "
+        f"(positional hyperparameters: {', '.join(order)}).\n\n{inspect.getdoc(factory)}"
+    )
+    return type(name, (TorchOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+_SGD_ORDER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")  # torch.optim.SGD's order
+
+SGD = _named_class("SGD", ao.sgd, _SGD_ORDER)
+Adagrad = _named_class("Adagrad", ao.adagrad)
+RMSprop = _named_class("RMSprop", ao.rmsprop)
+Adam = _named_class("Adam", ao.adam)
+AdamW = _named_class("AdamW", ao.adamw)
+AMSGrad = _named_class("AMSGrad", ao.amsgrad)
+RAdam = _named_class("RAdam", ao.radam)
+NAdam = _named_class("NAdam", ao.nadam)
+Adan = _named_class("Adan", ao.adan)
+Lion = _named_class("Lion", ao.lion)
+LARS = _named_class("LARS", ao.lars)
+LAMB = _named_class("LAMB", ao.lamb)
+
+# The class of every registered factory (tests check that none is missing).
+CLASS_FOR_FACTORY: dict[str, type[TorchOptimizer]] = {
+    "sgd": SGD,
+    "adagrad": Adagrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "adamw": AdamW,
+    "amsgrad": AMSGrad,
+    "radam": RAdam,
+    "nadam": NAdam,
+    "adan": Adan,
+    "lion": Lion,
+    "lars": LARS,
+    "lamb": LAMB,
+}
