@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agnostic_optim._backend import device_of
+from agnostic_optim._backend import astype, compute_dtype, device_of
 
 Array = Any
 
@@ -50,9 +50,14 @@ def bias_correction(beta: Array, t: Array) -> Array:
 
 
 def global_norm(xp: Any, leaves: list[Array], dtype: Any) -> Array:
-    """The L2 norm over all leaves, accumulated in ``dtype`` (the scalar dtype)."""
+    """The L2 norm over all leaves, accumulated in ``dtype`` (the scalar dtype).
+
+    Each leaf is squared in its compute dtype (float32 for 16-bit leaves), so a float16 gradient
+    of 300 neither overflows nor rounds its square.
+    """
     total = xp.zeros((), dtype=dtype, device=device_of(leaves[0]))
     for leaf in leaves:
+        leaf = astype(xp, leaf, compute_dtype(xp, leaf.dtype))
         total = total + xp.astype(sum_of_squares(xp, leaf), dtype)
     return xp.sqrt(total)
 

@@ -211,7 +211,7 @@ def skip_nonfinite(opt: engine.Optimizer) -> engine.Optimizer:
     def step(state: SkipNonfiniteState, grads: PyTree, params: PyTree, **inputs: Any):
         xp, grad_leaves, _, _ = engine.flatten_step_inputs(grads, params)
         ok = _all_finite(xp, grad_leaves)
-        skipped = state.skipped + xp.astype(~ok, xp.int32)
+        skipped = xp.asarray(state.skipped + xp.astype(~ok, xp.int32))
         if not _backend.is_lazy(ok):
             if not bool(ok):
                 return SkipNonfiniteState(state.inner, skipped), params
@@ -250,7 +250,7 @@ def accumulate(opt: engine.Optimizer, every: int) -> engine.Optimizer:
     def step(state: AccumulateState, grads: PyTree, params: PyTree, **inputs: Any):
         xp, _, _, _ = engine.flatten_step_inputs(grads, params)
         grad_sum = trees.tree_map(lambda a, g: a + g, state.grad_sum, grads)
-        micro_step = state.micro_step + 1
+        micro_step = xp.asarray(state.micro_step + 1)
         ready = micro_step == every
 
         def apply() -> tuple[PyTree, PyTree]:

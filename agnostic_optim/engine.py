@@ -250,6 +250,11 @@ def _leaf_groups(
     return list(groups.values())
 
 
+def _as_array(xp: Any, x: Array) -> Array:
+    """``x`` as an array of ``xp`` (NumPy 2 turns 0-d array arithmetic into NumPy scalars)."""
+    return xp.asarray(x) if x.shape == () else x
+
+
 def _packers(batching: Batching | None, xp: Any) -> tuple[Callable, Callable, Any]:
     if batching is None:
         return (lambda arrays: arrays[0]), (lambda packed: [packed]), xp
@@ -316,7 +321,7 @@ def apply_rule(
             _check_like(param_leaves, leaf_inputs[name], name)
     flags = resolve_mask(rule.mask, params) if rule.mask is not None else None
 
-    count = state.count + 1
+    count = _as_array(xp, state.count + 1)
     _, schedules = _split_hparams(rule.hparams)
     scheduled = hp.evaluate_schedules(xp, schedules, state.count, state.scheduled)
     sdtype = _backend.scalar_dtype(xp, param_leaves[0])
@@ -367,9 +372,9 @@ def apply_rule(
         if extra_name:
             results[extra_name] = unpack(extra)
         for position, i in enumerate(group):
-            outputs[i] = results[""][position]
+            outputs[i] = _as_array(xp, results[""][position])
             for name in names:
-                new_buffers[name][i] = results[name][position]
+                new_buffers[name][i] = _as_array(xp, results[name][position])
 
     new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
     new_state = OptimizerState(
