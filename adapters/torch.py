@@ -35,10 +35,10 @@ from typing import Any
 
 import array_api_compat.torch
 import torch
-from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
 
 import agnostic_optim as ao
 from agnostic_optim import _backend, engine
+from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
 from agnostic_optim.hparams import is_schedule
 
 engine_namespace = array_api_compat.torch

@@ -85,3 +85,38 @@ def to_device_of(xp: Namespace, x: Array, like: Array) -> Array:
         return x
     target = device_of(like)
     return x if device_of(x) == target else array_api_compat.to_device(x, target)
+
+
+def to_host(x: Array) -> Any:
+    """A NumPy copy of ``x`` from any namespace or device (16-bit floats become float32)."""
+    import numpy as np
+
+    if array_api_compat.is_torch_array(x):
+        x = x.detach().cpu()
+        if x.dtype.itemsize == 2 and x.is_floating_point():
+            x = x.float()
+        return x.numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_jax_array(x):
+        host = np.asarray(x)
+        return host.astype(np.float32) if host.dtype.kind == "V" or str(host.dtype) == "bfloat16" else host
+    if array_api_compat.is_numpy_array(x):
+        return np.asarray(x)
+    return np.from_dlpack(x).copy()
+
+
+def convert_like(value: Any, like: Array) -> Array:
+    """``value`` (host array or any namespace) as an array of ``like``'s namespace, dtype, device."""
+    xp = array_api_compat.array_namespace(like)
+    host = value if not hasattr(value, "__dlpack__") or is_numpy_like(value) else to_host(value)
+    if array_api_compat.is_array_api_strict_namespace(xp):
+        converted = xp.asarray(host.tolist() if host.ndim == 0 else host)
+    else:
+        converted = xp.asarray(host)
+    converted = xp.astype(converted, like.dtype)
+    return array_api_compat.to_device(converted, device_of(like))
+
+
+def is_numpy_like(value: Any) -> bool:
+    return array_api_compat.is_numpy_array(value)

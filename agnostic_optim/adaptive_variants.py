@@ -270,6 +270,7 @@ def adan(
             prepare=prepare,
             buffers=("exp_avg", "exp_avg_sq", "exp_avg_diff", "pre_grad"),
             maximize=maximize,
+            elementwise=not clip,
         )
     )
 

@@ -55,7 +55,7 @@ def chain(*parts: engine.Transform | engine.Optimizer) -> engine.Optimizer | eng
             last_state, params = last.step(state[-1], grads, params, **inputs)
             return (*new_states, last_state), params
 
-        return engine.Optimizer(init=init, step=step, name=name)
+        return engine.Optimizer(init=init, step=step, name=name, inputs=last.inputs)
 
     def update(state: tuple, grads: PyTree, params: PyTree):
         new_states, grads = run_transforms(state, grads, params)
@@ -99,7 +99,11 @@ def clip_by_global_norm(max_norm: HParam, convention: Convention = "torch") -> e
 
     return engine.build_transform(
         engine.Rule(
-            name="clip_by_global_norm", hparams={"max_norm": max_norm}, update=update, prepare=prepare
+            name="clip_by_global_norm",
+            hparams={"max_norm": max_norm},
+            update=update,
+            prepare=prepare,
+            elementwise=False,
         )
     )
 
@@ -166,7 +170,8 @@ def masked(opt: engine.Optimizer, mask: Mask, otherwise: engine.Optimizer | None
             new_states.append(inner_state)
         return MaskedState(*new_states), trees.unflatten(treedef, new_leaves)
 
-    return engine.Optimizer(init=init, step=step, name=f"masked({opt.name})")
+    inputs = tuple(dict.fromkeys(opt.inputs + (otherwise.inputs if otherwise else ())))
+    return engine.Optimizer(init=init, step=step, name=f"masked({opt.name})", inputs=inputs)
 
 
 def _is_tree_like(value: Any, treedef: Any) -> bool:
@@ -221,7 +226,7 @@ def skip_nonfinite(opt: engine.Optimizer) -> engine.Optimizer:
         inner = _tree_select(xp, ok, inner, state.inner)
         return SkipNonfiniteState(inner, skipped), _tree_select(xp, ok, new_params, params)
 
-    return engine.Optimizer(init=init, step=step, name=f"skip_nonfinite({opt.name})")
+    return engine.Optimizer(init=init, step=step, name=f"skip_nonfinite({opt.name})", inputs=opt.inputs)
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -269,4 +274,4 @@ def accumulate(opt: engine.Optimizer, every: int) -> engine.Optimizer:
         micro_step = xp.where(ready, xp.zeros_like(micro_step), micro_step)
         return AccumulateState(inner, grad_sum, micro_step), _tree_select(xp, ready, new_params, params)
 
-    return engine.Optimizer(init=init, step=step, name=f"accumulate({opt.name}, {every})")
+    return engine.Optimizer(init=init, step=step, name=f"accumulate({opt.name}, {every})", inputs=opt.inputs)

@@ -49,6 +49,7 @@ class Optimizer:
     step: Callable[..., tuple[PyTree, PyTree]]
     name: str = "optimizer"
     rule: Rule | None = None  # the maths, for optimizers built from one (see ``mixed_precision``)
+    inputs: tuple[str, ...] = ()  # the extra keyword inputs ``step`` accepts (``grad_fn``, ...)
 
     def __repr__(self) -> str:
         return f"<agnostic_optim.Optimizer {self.name}>"
@@ -117,6 +118,8 @@ class Rule:
       mask: static per-leaf selection (a bool pytree or a ``(path, leaf) -> bool`` callable);
         when set, ``update`` receives ``selected=<bool>`` for each leaf.
       precision: state storage dtype and param compensation (:mod:`agnostic_optim.precision`).
+      elementwise: True when the update of every element depends only on that element (no
+        per-leaf or global reductions), so a leaf may be processed in independent chunks.
     """
 
     name: str
@@ -131,6 +134,7 @@ class Rule:
     maximize: bool = False
     mask: Any = None
     precision: Precision = field(default_factory=Precision)
+    elementwise: bool = True
 
 
 # --------------------------------------------------------------------------- validation
@@ -255,6 +259,13 @@ def _as_array(xp: Any, x: Array) -> Array:
     return xp.asarray(x) if x.shape == () else x
 
 
+def _store(xp: Any, destination: Array, value: Array, in_place: bool) -> Array:
+    if not in_place:
+        return _as_array(xp, value)
+    destination[...] = value
+    return destination
+
+
 def _packers(batching: Batching | None, xp: Any) -> tuple[Callable, Callable, Any]:
     if batching is None:
         return (lambda arrays: arrays[0]), (lambda packed: [packed]), xp
@@ -292,12 +303,17 @@ def apply_rule(
     params: PyTree,
     inputs: Mapping[str, Any],
     batching: Batching | None = None,
+    in_place: bool = False,
 ) -> tuple[OptimizerState, PyTree]:
     """One step of ``rule``: returns the new state and the per-leaf outputs as a tree.
 
     Without ``batching`` the rule runs once per leaf. With it, leaves that share dtypes, device
     and mask flag are packed into one batched operand and the rule runs once per group (the torch
     adapter's eager path packs them into lists that dispatch to fused ``_foreach`` kernels).
+
+    ``in_place=True`` (for namespaces with writeable arrays) writes each leaf's new parameter and
+    buffers into the given arrays (``x[...] = new``) as soon as that leaf is done, while its
+    data is still in cache, and returns those same arrays.
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"{rule.name}: expected the state made by its init, got {type(state).__name__}")
@@ -372,9 +388,9 @@ def apply_rule(
         if extra_name:
             results[extra_name] = unpack(extra)
         for position, i in enumerate(group):
-            outputs[i] = _as_array(xp, results[""][position])
+            outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
             for name in names:
-                new_buffers[name][i] = _as_array(xp, results[name][position])
+                new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)
 
     new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
     new_state = OptimizerState(
@@ -396,7 +412,7 @@ def build(rule: Rule) -> Optimizer:
     def step(state: OptimizerState, grads: PyTree, params: PyTree, **inputs: Any):
         return apply_rule(rule, state, grads, params, inputs)
 
-    return Optimizer(init=init, step=step, name=rule.name, rule=rule)
+    return Optimizer(init=init, step=step, name=rule.name, rule=rule, inputs=rule.inputs + rule.leaf_inputs)
 
 
 def build_transform(rule: Rule) -> Transform:

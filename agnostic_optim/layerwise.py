@@ -113,6 +113,7 @@ def lars(
             buffers=("momentum_buffer",) if use_momentum else (),
             maximize=maximize,
             mask=mask,
+            elementwise=False,
         )
     )
 
@@ -191,5 +192,6 @@ def lamb(
             buffers=("exp_avg", "exp_avg_sq"),
             maximize=maximize,
             mask=mask,
+            elementwise=False,
         )
     )
