@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from agnostic_optim.conformance.backends import BACKEND_NAMES, Backend, get_backend
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from agnostic_optim.conformance.backends import Backend
 from agnostic_optim.conformance.compare import max_relative_error, relative_error
 
