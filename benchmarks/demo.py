@@ -7,6 +7,7 @@ CuPy arrays. Gradients come from a hand-written backward pass so the demo needs 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def two_spirals(n_per_class: int, rng: np.random.Generator) -> tuple[np.ndarray,
 
 def init_mlp(rng: np.random.Generator, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
     params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         params[f"w{i}"] = rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
         params[f"b{i}"] = np.zeros(fan_out)
     return params
