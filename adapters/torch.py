@@ -41,7 +41,7 @@ from agnostic_optim import _backend, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
 from agnostic_optim.hparams import is_schedule
 
-engine_namespace = array_api_compat.torch
+XP = array_api_compat.torch  # the core's namespace for torch tensors
 
 __all__ = [
     "LAMB",
@@ -177,17 +177,21 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._rules[key] = opt
         return self._rules[key]
 
-    def _hparams(self, group: dict[str, Any], rule: engine.Rule, like: torch.Tensor) -> dict[str, Any]:
-        """The group's numeric hyperparameters as 0-d float64 tensors on ``like``'s device.
+    def _hparams(
+        self, group: dict[str, Any], rule: engine.Rule, like: torch.Tensor
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(constant, scheduled) hyperparameters as 0-d float64 tensors on ``like``'s device.
 
-        The tensors are cached per group and refilled in place when a value changes, so the
-        compiled path sees the same inputs (no recompilation) and CUDA sees no host copies.
+        The tensors are cached per group and refilled in place when a value changes, so CUDA
+        sees no host copies. Scheduled entries only carry dtype and device: the core evaluates
+        the schedule on the step count.
         """
-        dtype = _backend.scalar_dtype(engine_namespace, like)
+        dtype = _backend.scalar_dtype(XP, like)
         cache = self._hparam_tensors.setdefault((id(group), like.device), {})
-        values = {}
+        values, scheduled = {}, {}
         for name, spec in rule.hparams.items():
             if is_schedule(spec):
+                scheduled[name] = torch.zeros((), dtype=dtype, device=like.device)
                 continue
             value = group[name]
             if isinstance(value, (tuple, list)):
@@ -196,7 +200,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 )
             else:
                 values[name] = _scalar_tensor(cache, name, value, dtype, like)
-        return values
+        return values, scheduled
 
     # ---------------------------------------------------------------- the step
 
@@ -226,39 +230,64 @@ class TorchOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_subset(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> None:
+        """One core step for params that share a step count: scalars eagerly, arrays fused."""
         first = params[0]
         states = [self.state[p] for p in params]
         names = engine.buffer_names(rule)
         buffers = {name: [_storage(rule, p, s[name]) for p, s in zip(params, states)] for name in names}
-        scalars = {k: states[0][k].to(torch.float64) for k in rule.scalars}
-        count = int(states[0]["step"])
-        hparams = self._hparams(group, rule, first)
+        hparams, scheduled = self._hparams(group, rule, first)
+        count = torch.tensor(int(states[0]["step"]), dtype=torch.int32, device=first.device)
+        running = {
+            k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
+        }
+        core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
         grads = [p.grad for p in params]
+        step = engine.prepare_step(rule, core_state, XP, grads, params, {})
+        caster = engine.ScalarCaster(XP, step.values)
         if self._compile:
-            new_scalars, new_buffers = self._compiled_step(rule)(
-                count, hparams, scalars, params, grads, buffers
-            )
+            cast = {}
+            for p in params:
+                dtype = rule.precision.compute_dtype(XP, p)
+                if dtype not in cast:
+                    cast[dtype] = caster.for_leaf(p, dtype)
+            self._compiled_update(rule)(cast, params, grads, buffers)
+            new_buffers = buffers
         else:
-            new_scalars, new_buffers = _eager_step(rule, count, hparams, scalars, params, grads, buffers)
+            outputs, new_buffers = engine.update_leaves(
+                rule, XP, caster.for_leaf, grads, params, buffers, batching=_ForeachBatching()
+            )
+            torch._foreach_copy_(params, outputs)
         for i, s in enumerate(states):
             s["step"] = torch.as_tensor(s["step"]) + 1
             for name in names:
                 s[name] = new_buffers[name][i]
-            for k, v in new_scalars.items():
-                s[k] = v.to(s[k].dtype)
+            for k, v in step.running.items():
+                s[k] = v.to(device=s[k].device, dtype=s[k].dtype)
 
-    def _compiled_step(self, rule: engine.Rule) -> Callable[..., Any]:
+    def _compiled_update(self, rule: engine.Rule) -> Callable[..., None]:
+        """``update_leaves`` compiled by ``torch.compile``, writing params and buffers in place.
+
+        The scalars come in already computed and cast, so the fused loops only stream arrays.
+        """
         if id(rule) not in self._compiled:
-            self._compiled[id(rule)] = torch.compile(
-                lambda *args: _functional_step(rule, *args, in_place=True), dynamic=False
-            )
-        compiled = self._compiled[id(rule)]
 
-        def run(count, hparams, scalars, params, grads, buffers):
-            count_tensor = torch.tensor(count, dtype=torch.int32, device=params[0].device)
-            return compiled(count_tensor, hparams, scalars, params, grads, buffers)
+            def update(cast: dict, params: list, grads: list, buffers: dict) -> None:
+                outputs, new_buffers = engine.update_leaves(
+                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers
+                )
+                for p, new in zip(params, outputs):
+                    p.copy_(new)
+                for name, values in new_buffers.items():
+                    for buffer, new in zip(buffers[name], values):
+                        buffer.copy_(new)
 
-        return run
+            self._compiled[id(rule)] = torch.compile(update, dynamic=False)
+        return self._compiled[id(rule)]
+
+
+def hparams_dtype(hparams: dict[str, Any]) -> torch.dtype:
+    first = next(iter(hparams.values()))
+    return (first[0] if isinstance(first, tuple) else first).dtype
 
 
 def _plain(value: Any) -> Any:
@@ -311,33 +340,6 @@ def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> l
         key = (float(s["step"]), *(float(s[k]) for k in rule.scalars))
         groups.setdefault(key, []).append(p)
     return list(groups.values())
-
-
-def _functional_step(rule, count, hparams, scalars, params, grads, buffers, *, in_place, batching=None):
-    """Run the core rule on lists of tensors; write params (and, if ``in_place``, buffers) back."""
-    state = engine.OptimizerState(count, hparams, {}, buffers, scalars)
-    new_state, new_params = engine.apply_rule(rule, state, grads, list(params), {}, batching=batching)
-    torch._foreach_copy_(list(params), new_params)
-    if in_place:
-        for name, values in new_state.buffers.items():
-            torch._foreach_copy_(buffers[name], values)
-        return new_state.scalars, buffers
-    return new_state.scalars, new_state.buffers
-
-
-def _eager_step(rule, count, hparams, scalars, params, grads, buffers):
-    count_tensor = torch.tensor(count, dtype=torch.int32, device=params[0].device)
-    return _functional_step(
-        rule,
-        count_tensor,
-        hparams,
-        scalars,
-        params,
-        grads,
-        buffers,
-        in_place=False,
-        batching=_ForeachBatching(),
-    )
 
 
 # ---------------------------------------------------------------- named classes

@@ -188,7 +188,7 @@ def _cast_tree(xp: Any, value: Any, dtype: Any, like: Array) -> Any:
     return _backend.astype(xp, _backend.to_device_of(xp, value, like), dtype)
 
 
-class _ScalarCaster:
+class ScalarCaster:
     """Casts the step's float64 scalars to each leaf's compute dtype, once per (dtype, device)."""
 
     def __init__(self, xp: Any, values: Mapping[str, Any]):
@@ -296,6 +296,110 @@ def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
     return OptimizerState(count, constants, scheduled, buffers, scalars)
 
 
+@dataclass(frozen=True)
+class StepScalars:
+    """The scalar half of a step, computed once before any leaf is touched.
+
+    Attributes:
+      count: the step count after this step.
+      scheduled: the schedules' values used by this step.
+      values: hyperparameters and prepared scalars, in the scalar dtype.
+      running: the running scalars after this step.
+    """
+
+    count: Array
+    scheduled: dict[str, Array]
+    values: dict[str, Any]
+    running: dict[str, Array]
+
+
+def prepare_step(
+    rule: Rule,
+    state: OptimizerState,
+    xp: Any,
+    grad_leaves: list[Array],
+    param_leaves: list[Array],
+    inputs: Mapping[str, Any],
+) -> StepScalars:
+    """Run the rule's float64 scalar arithmetic (bias corrections, schedules, global norms)."""
+    count = _as_array(xp, state.count + 1)
+    _, schedules = _split_hparams(rule.hparams)
+    scheduled = hp.evaluate_schedules(xp, schedules, state.count, state.scheduled)
+    sdtype = _backend.scalar_dtype(xp, param_leaves[0])
+    t = xp.astype(count, sdtype)
+    current = Scalars({**state.hparams, **scheduled})
+    ctx = StepContext(
+        xp=xp,
+        h=current,
+        t=t,
+        first=xp.astype(count == 1, sdtype),
+        scalars=state.scalars,
+        grads=grad_leaves,
+        params=param_leaves,
+        inputs={k: v for k, v in inputs.items() if k in rule.inputs},
+    )
+    prepared = dict(rule.prepare(ctx)) if rule.prepare is not None else {}
+    running = {k: prepared.get(k, v) for k, v in state.scalars.items()}
+    return StepScalars(count, scheduled, {**current, **prepared}, running)
+
+
+def update_leaves(
+    rule: Rule,
+    xp: Any,
+    scalars_for: Callable[[Array, Any], Scalars],
+    grad_leaves: list[Array],
+    param_leaves: list[Array],
+    buffer_leaves: Mapping[str, list[Array]],
+    leaf_inputs: Mapping[str, list[Array]] | None = None,
+    flags: list[bool] | None = None,
+    batching: Batching | None = None,
+    in_place: bool = False,
+) -> tuple[list[Array], dict[str, list[Array]]]:
+    """The array half of a step: run ``rule.update`` over every leaf (or batched group).
+
+    ``scalars_for(leaf, compute_dtype)`` gives the step's scalars cast for a leaf. Returns the
+    new params (or gradients, for a transform) and the new buffers, leaf by leaf.
+    """
+    leaf_inputs = leaf_inputs or {}
+    names = buffer_names(rule)
+    precision, extra_name = rule.precision, rule.precision.extra_buffer
+    pack, unpack, uxp = _packers(batching, xp)
+    new_buffers: dict[str, list[Array]] = {name: [None] * len(param_leaves) for name in names}
+    outputs: list[Array] = [None] * len(param_leaves)
+    for group in _leaf_groups(param_leaves, buffer_leaves, flags, batching):
+        first = param_leaves[group[0]]
+        dtype = precision.compute_dtype(xp, first)
+        s = scalars_for(first, dtype)
+
+        def gather(
+            leaves: list[Array], convert: bool = True, group: list[int] = group, dtype: Any = dtype
+        ) -> Any:
+            """The group's leaves packed into one operand, cast to the compute dtype if ``convert``."""
+            return pack([_backend.astype(xp, leaves[i], dtype) if convert else leaves[i] for i in group])
+
+        g = gather(grad_leaves)
+        if rule.maximize:
+            g = -g
+        bufs = {name: gather(buffer_leaves[name]) for name in rule.buffers}
+        kwargs = {name: gather(v) for name, v in leaf_inputs.items()}
+        if flags is not None:
+            kwargs["selected"] = flags[group[0]]
+        extra = gather(buffer_leaves[extra_name], convert=False) if extra_name else None
+        working = precision.working_param(uxp, gather(param_leaves, convert=False), extra, dtype)
+        bufs, out = rule.update(uxp, g, working, bufs, s, **kwargs)
+        out, extra = precision.commit_param(uxp, out, first.dtype, extra)
+        results = {"": unpack(out)}
+        for name in rule.buffers:
+            results[name] = unpack(_backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype))
+        if extra_name:
+            results[extra_name] = unpack(extra)
+        for position, i in enumerate(group):
+            outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
+            for name in names:
+                new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)
+    return outputs, new_buffers
+
+
 def apply_rule(
     rule: Rule,
     state: OptimizerState,
@@ -307,6 +411,7 @@ def apply_rule(
 ) -> tuple[OptimizerState, PyTree]:
     """One step of ``rule``: returns the new state and the per-leaf outputs as a tree.
 
+    Validates every input first, then runs :func:`prepare_step` and :func:`update_leaves`.
     Without ``batching`` the rule runs once per leaf. With it, leaves that share dtypes, device
     and mask flag are packed into one batched operand and the rule runs once per group (the torch
     adapter's eager path packs them into lists that dispatch to fused ``_foreach`` kernels).
@@ -337,68 +442,26 @@ def apply_rule(
             _check_like(param_leaves, leaf_inputs[name], name)
     flags = resolve_mask(rule.mask, params) if rule.mask is not None else None
 
-    count = _as_array(xp, state.count + 1)
-    _, schedules = _split_hparams(rule.hparams)
-    scheduled = hp.evaluate_schedules(xp, schedules, state.count, state.scheduled)
-    sdtype = _backend.scalar_dtype(xp, param_leaves[0])
-    t = xp.astype(count, sdtype)
-    current = Scalars({**state.hparams, **scheduled})
-    ctx = StepContext(
-        xp=xp,
-        h=current,
-        t=t,
-        first=xp.astype(count == 1, sdtype),
-        scalars=state.scalars,
-        grads=grad_leaves,
-        params=param_leaves,
-        inputs={k: v for k, v in inputs.items() if k in rule.inputs},
+    step = prepare_step(rule, state, xp, grad_leaves, param_leaves, inputs)
+    caster = ScalarCaster(xp, step.values)
+    outputs, new_buffers = update_leaves(
+        rule,
+        xp,
+        caster.for_leaf,
+        grad_leaves,
+        param_leaves,
+        buffer_leaves,
+        leaf_inputs,
+        flags,
+        batching,
+        in_place,
     )
-    prepared = dict(rule.prepare(ctx)) if rule.prepare is not None else {}
-    caster = _ScalarCaster(xp, {**current, **prepared})
-    precision, extra_name = rule.precision, rule.precision.extra_buffer
-
-    pack, unpack, uxp = _packers(batching, xp)
-    new_buffers: dict[str, list[Array]] = {name: [None] * len(param_leaves) for name in names}
-    outputs: list[Array] = [None] * len(param_leaves)
-    for group in _leaf_groups(param_leaves, buffer_leaves, flags, batching):
-        first = param_leaves[group[0]]
-        dtype = precision.compute_dtype(xp, first)
-        s = caster.for_leaf(first, dtype)
-
-        def gather(
-            leaves: list[Array], convert: bool = True, group: list[int] = group, dtype: Any = dtype
-        ) -> Any:
-            """The group's leaves packed into one operand, cast to the compute dtype if ``convert``."""
-            return pack([_backend.astype(xp, leaves[i], dtype) if convert else leaves[i] for i in group])
-
-        g = gather(grad_leaves)
-        if rule.maximize:
-            g = -g
-        bufs = {name: gather(buffer_leaves[name]) for name in rule.buffers}
-        kwargs = {name: gather(v) for name, v in leaf_inputs.items()}
-        if flags is not None:
-            kwargs["selected"] = flags[group[0]]
-        extra = gather(buffer_leaves[extra_name], convert=False) if extra_name else None
-        working = precision.working_param(uxp, gather(param_leaves, convert=False), extra, dtype)
-        bufs, out = rule.update(uxp, g, working, bufs, s, **kwargs)
-        out, extra = precision.commit_param(uxp, out, first.dtype, extra)
-        results = {"": unpack(out)}
-        for name in rule.buffers:
-            results[name] = unpack(_backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype))
-        if extra_name:
-            results[extra_name] = unpack(extra)
-        for position, i in enumerate(group):
-            outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
-            for name in names:
-                new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)
-
-    new_scalars = {k: prepared.get(k, v) for k, v in state.scalars.items()}
     new_state = OptimizerState(
-        count=count,
+        count=step.count,
         hparams=state.hparams,
-        scheduled=scheduled,
+        scheduled=step.scheduled,
         buffers={name: trees.unflatten(treedef, leaves) for name, leaves in new_buffers.items()},
-        scalars=new_scalars,
+        scalars=step.running,
     )
     return new_state, trees.unflatten(treedef, outputs)
 
