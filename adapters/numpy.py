@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agnostic_optim import _backend, checkpoint, engine, trees
+from agnostic_optim import _backend, checkpoint, chunking, engine, trees
 
 __all__ = ["ArrayOptimizer"]
 
@@ -61,7 +61,9 @@ class ArrayOptimizer:
             for name, tree in self.state.buffers.items()
         }
         size = self.chunk_elements if rule.elementwise and rule.mask is None else 0
-        views, grad_views, buffer_views = _chunk_views(xp, param_leaves, grad_leaves, buffer_leaves, size)
+        views, grad_views, buffer_views = chunking.chunk_views(
+            xp, param_leaves, grad_leaves, buffer_leaves, size
+        )
         view_state = self.state._replace(buffers=buffer_views)
         new_state, _ = engine.apply_rule(rule, view_state, grad_views, views, {}, in_place=True)
         self.state = new_state._replace(buffers=self.state.buffers)
@@ -89,39 +91,3 @@ def _check_writeable(leaf: Any) -> None:
         raise TypeError(
             f"ArrayOptimizer needs writeable arrays ({err}); use the functional API (opt.init / opt.step)"
         ) from None
-
-
-def _chunk_views(
-    xp: Any, params: list[Any], grads: list[Any], buffers: dict[str, list[Any]], size: int
-) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
-    """Every operand cut into the same flat chunks of at most ``size`` elements.
-
-    A leaf is chunked only if its param and all its buffers have flat views (writes through a
-    view reach the array); otherwise, or with ``size == 0``, it stays whole.
-    """
-    out_params: list[Any] = []
-    out_grads: list[Any] = []
-    out_buffers: dict[str, list[Any]] = {name: [] for name in buffers}
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        flats = _flat_views(xp, [param, *(leaves[i] for leaves in buffers.values())]) if size else None
-        if flats is None or flats[0].shape[0] <= size:
-            out_params.append(param)
-            out_grads.append(grad)
-            for name, leaves in buffers.items():
-                out_buffers[name].append(leaves[i])
-            continue
-        flat_grad = xp.reshape(grad, (-1,))
-        starts = range(0, flats[0].shape[0], size)
-        out_params.extend(flats[0][k : k + size] for k in starts)
-        out_grads.extend(flat_grad[k : k + size] for k in starts)
-        for name, flat in zip(buffers, flats[1:]):
-            out_buffers[name].extend(flat[k : k + size] for k in starts)
-    return out_params, out_grads, out_buffers
-
-
-def _flat_views(xp: Any, arrays: list[Any]) -> list[Any] | None:
-    """1-D views of ``arrays``, or None if one of them has no view (non-contiguous)."""
-    try:
-        return [xp.reshape(a, (-1,), copy=False) for a in arrays]
-    except (ValueError, TypeError, NotImplementedError, AttributeError):
-        return None

@@ -37,11 +37,13 @@ import array_api_compat.torch
 import torch
 
 import agnostic_optim as ao
-from agnostic_optim import _backend, engine
+from agnostic_optim import _backend, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
-from agnostic_optim.hparams import is_schedule
+from agnostic_optim.hparams import is_scheduled
 
 XP = array_api_compat.torch  # the core's namespace for torch tensors
+CHUNK_ELEMENTS = 1 << 16  # eager path: leaves are cut into flat chunks of this many elements...
+BLOCK_ELEMENTS = 1 << 17  # ...and processed in cache-sized blocks of this many elements
 
 __all__ = [
     "LAMB",
@@ -68,6 +70,9 @@ class _ForeachBatching:
     """Packs same-dtype, same-device leaves into a TensorList (see :func:`engine.apply_rule`)."""
 
     xp = NAMESPACE
+
+    def __init__(self, block_elements: int | None = None):
+        self.block_elements = block_elements
 
     @staticmethod
     def pack(arrays: list[torch.Tensor]) -> TensorList:
@@ -190,8 +195,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         cache = self._hparam_tensors.setdefault((id(group), like.device), {})
         values, scheduled = {}, {}
         for name, spec in rule.hparams.items():
-            if is_schedule(spec):
-                scheduled[name] = torch.zeros((), dtype=dtype, device=like.device)
+            if is_scheduled(spec):
+                scheduled[name] = _placeholder(spec, dtype, like.device)
                 continue
             value = group[name]
             if isinstance(value, (tuple, list)):
@@ -253,10 +258,19 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._compiled_update(rule)(cast, params, grads, buffers)
             new_buffers = buffers
         else:
-            outputs, new_buffers = engine.update_leaves(
-                rule, XP, caster.for_leaf, grads, params, buffers, batching=_ForeachBatching()
+            size = CHUNK_ELEMENTS if rule.elementwise and rule.mask is None else 0
+            views, grad_views, buffer_views = chunking.chunk_views(XP, params, grads, buffers, size)
+            engine.update_leaves(
+                rule,
+                XP,
+                caster.for_leaf,
+                grad_views,
+                views,
+                buffer_views,
+                batching=_ForeachBatching(BLOCK_ELEMENTS),
+                in_place=True,
             )
-            torch._foreach_copy_(params, outputs)
+            new_buffers = buffers
         for i, s in enumerate(states):
             s["step"] = torch.as_tensor(s["step"]) + 1
             for name in names:
@@ -288,6 +302,13 @@ class TorchOptimizer(torch.optim.Optimizer):
 def hparams_dtype(hparams: dict[str, Any]) -> torch.dtype:
     first = next(iter(hparams.values()))
     return (first[0] if isinstance(first, tuple) else first).dtype
+
+
+def _placeholder(spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Zeros shaped like a scheduled hyperparameter (a scalar or a tuple of scalars)."""
+    if isinstance(spec, (tuple, list)):
+        return tuple(_placeholder(v, dtype, device) for v in spec)
+    return torch.zeros((), dtype=dtype, device=device)
 
 
 def _plain(value: Any) -> Any:

@@ -184,6 +184,14 @@ def _is_tree_like(value: Any, treedef: Any) -> bool:
 # ----------------------------------------------------------------------------- skipping
 
 
+def _check_inputs(opt: engine.Optimizer, inputs: dict[str, Any]) -> None:
+    """Refuse step inputs the wrapped optimizer does not take, on every step (not only on the
+    steps that reach it)."""
+    unknown = set(inputs) - set(opt.inputs)
+    if unknown:
+        raise TypeError(f"{opt.name}.step got unexpected inputs {sorted(unknown)}")
+
+
 def _tree_select(xp: Any, condition: Any, if_true: PyTree, if_false: PyTree) -> PyTree:
     return trees.tree_map(lambda a, b: xp.where(condition, a, b), if_true, if_false)
 
@@ -214,6 +222,7 @@ def skip_nonfinite(opt: engine.Optimizer) -> engine.Optimizer:
         )
 
     def step(state: SkipNonfiniteState, grads: PyTree, params: PyTree, **inputs: Any):
+        _check_inputs(opt, inputs)
         xp, grad_leaves, _, _ = engine.flatten_step_inputs(grads, params)
         ok = _all_finite(xp, grad_leaves)
         skipped = xp.asarray(state.skipped + xp.astype(~ok, xp.int32))
@@ -253,6 +262,7 @@ def accumulate(opt: engine.Optimizer, every: int) -> engine.Optimizer:
         return AccumulateState(opt.init(params), trees.tree_map(xp.zeros_like, params), zero)
 
     def step(state: AccumulateState, grads: PyTree, params: PyTree, **inputs: Any):
+        _check_inputs(opt, inputs)
         xp, _, _, _ = engine.flatten_step_inputs(grads, params)
         grad_sum = trees.tree_map(lambda a, g: a + g, state.grad_sum, grads)
         micro_step = xp.asarray(state.micro_step + 1)

@@ -11,6 +11,7 @@ precision and casting, ``maximize``, and the step count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
@@ -175,8 +176,8 @@ def flatten_step_inputs(grads: PyTree, params: PyTree) -> tuple[Any, list, list,
 
 
 def _split_hparams(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Callable]]:
-    constants = {k: v for k, v in values.items() if not hp.is_schedule(v)}
-    schedules = {k: v for k, v in values.items() if hp.is_schedule(v)}
+    constants = {k: v for k, v in values.items() if not hp.is_scheduled(v)}
+    schedules = {k: v for k, v in values.items() if hp.is_scheduled(v)}
     return constants, schedules
 
 
@@ -227,6 +228,7 @@ class Batching(Protocol):
     """Packs several leaves into one operand the rule can run on (see :func:`apply_rule`)."""
 
     xp: Any  # the namespace of packed operands
+    block_elements: int | None  # most elements per packed group (cache blocking), None: no limit
 
     def pack(self, arrays: list[Array]) -> Any: ...
 
@@ -239,10 +241,13 @@ def _leaf_groups(
     flags: list[bool] | None,
     batching: Batching | None,
 ) -> list[list[int]]:
-    """Indices of leaves that run together: singletons, or same dtype/device/mask flag when batching."""
+    """Indices of leaves that run together: singletons, or same dtype/device/mask flag when
+    batching, cut into blocks of at most ``batching.block_elements`` elements."""
     if batching is None:
         return [[i] for i in range(len(params))]
-    groups: dict[Any, list[int]] = {}
+    groups: dict[Any, list[list[int]]] = {}
+    limit = getattr(batching, "block_elements", None)
+    sizes: dict[Any, int] = {}
     for i, p in enumerate(params):
         key = (
             p.dtype,
@@ -250,8 +255,14 @@ def _leaf_groups(
             tuple(leaves[i].dtype for leaves in buffers.values()),
             None if flags is None else flags[i],
         )
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+        size = math.prod(p.shape)
+        blocks = groups.setdefault(key, [[]])
+        if limit is not None and blocks[-1] and sizes[key] + size > limit:
+            blocks.append([])
+            sizes[key] = 0
+        blocks[-1].append(i)
+        sizes[key] = sizes.get(key, 0) + size
+    return [block for blocks in groups.values() for block in blocks]
 
 
 def _as_array(xp: Any, x: Array) -> Array:

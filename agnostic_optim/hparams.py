@@ -27,6 +27,19 @@ def is_schedule(value: Any) -> bool:
     return callable(value) and not hasattr(value, "shape")
 
 
+def is_scheduled(value: Any) -> bool:
+    """A schedule, or a tuple holding one (``betas=(schedule, 0.999)``)."""
+    if isinstance(value, (tuple, list)):
+        return any(is_scheduled(v) for v in value)
+    return is_schedule(value)
+
+
+def _evaluate(spec: Any, count: Any) -> Any:
+    if isinstance(spec, (tuple, list)):
+        return tuple(_evaluate(v, count) for v in spec)
+    return spec(count) if is_schedule(spec) else spec
+
+
 def is_nonzero(value: Any) -> bool:
     """False only for a literal zero; schedules and arrays count as possibly non-zero.
 
@@ -55,7 +68,7 @@ def check_range(
 
     Schedules and arrays are not inspected (reading an array's value would force a host sync).
     """
-    if is_schedule(value) or not isinstance(value, numbers.Real):
+    if is_scheduled(value) or not isinstance(value, numbers.Real):
         return
     ok = not math.isnan(value)
     if low is not None:
@@ -84,8 +97,8 @@ def to_state(
     scheduled: dict[str, Any] = {}
     count = xp.asarray(0, dtype=xp.int32, device=device)
     for name, value in values.items():
-        if is_schedule(value):
-            scheduled[name] = _as_scalar(xp, value(count), dtype, device)
+        if is_scheduled(value):
+            scheduled[name] = _as_scalar(xp, _evaluate(value, count), dtype, device)
         else:
             constants[name] = _as_scalar(xp, value, dtype, device)
     return constants, scheduled
@@ -104,12 +117,17 @@ def _as_scalar(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
 def evaluate_schedules(
     xp: Any, schedules: Mapping[str, Callable[[Any], Any]], count: Any, like: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Each schedule's value at ``count`` as a 0-d array with the dtype/device of ``like[name]``."""
-    out = {}
-    for name, schedule in schedules.items():
-        ref = like[name]
-        out[name] = xp.astype(xp.asarray(schedule(count)), ref.dtype)
-    return out
+    """Each schedule's value at ``count`` as a 0-d array with the dtype/device of ``like[name]``
+    (entry by entry for tuples such as ``betas``)."""
+
+    def convert(value: Any, ref: Any) -> Any:
+        if isinstance(ref, tuple):
+            return tuple(convert(v, r) for v, r in zip(value, ref))
+        if hasattr(value, "shape"):
+            return xp.astype(xp.asarray(value), ref.dtype)
+        return xp.asarray(value, dtype=ref.dtype, device=_backend.device_of(ref))
+
+    return {name: convert(_evaluate(spec, count), like[name]) for name, spec in schedules.items()}
 
 
 def replace(hparams: Mapping[str, Any], name: str, value: Any) -> dict[str, Any]:

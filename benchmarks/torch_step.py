@@ -1,0 +1,146 @@
+"""Optimizer step time and peak memory: agnostic_optim's torch adapter vs torch.optim.
+
+Two parameter sets: ResNet-18's (62 float32 tensors, 11.7M parameters) and a many-small-tensors
+set (600 tensors of 1k-10k elements). For each optimizer it times, in one process and in
+alternating order, torch.optim's for-loop, foreach and fused (where torch has it)
+implementations and ours (eager, and ``compile=True`` with ``--compile``), and prints medians
+and ratios side by side plus the peak extra memory of a step (tracemalloc-free: measured with
+torch's CPU allocator profiler when available, else RSS growth).
+
+    python benchmarks/torch_step.py                 # eager only (quick)
+    python benchmarks/torch_step.py --compile       # adds the torch.compile path (slow to compile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from agnostic_optim.adapters import torch as ours
+
+OPTIMIZERS: dict[str, tuple[Callable, Callable, dict, tuple[str, ...]]] = {
+    # name: (torch class, our class, hyperparameters, torch implementations)
+    "AdamW": (
+        torch.optim.AdamW,
+        ours.AdamW,
+        {"lr": 1e-3, "weight_decay": 1e-2},
+        ("forloop", "foreach", "fused"),
+    ),
+    "SGD-momentum": (
+        torch.optim.SGD,
+        ours.SGD,
+        {"lr": 0.1, "momentum": 0.9},
+        ("forloop", "foreach", "fused"),
+    ),
+    "Adagrad": (torch.optim.Adagrad, ours.Adagrad, {"lr": 1e-2}, ("forloop", "foreach", "fused")),
+    "RMSprop": (torch.optim.RMSprop, ours.RMSprop, {"lr": 1e-3}, ("forloop", "foreach")),
+    "Lion": (None, ours.Lion, {"lr": 1e-4, "weight_decay": 1e-2}, ()),
+}
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    channels_in = 64
+    for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            first_in = channels_in if block == 0 else channels
+            shapes += [(channels, first_in, 3, 3), (channels,), (channels,)]
+            shapes += [(channels, channels, 3, 3), (channels,), (channels,)]
+            if block == 0 and (stride != 1 or channels_in != channels):
+                shapes += [(channels, channels_in, 1, 1), (channels,), (channels,)]
+        channels_in = channels
+    return [*shapes, (1000, 512), (1000,)]
+
+
+def small_shapes(count: int = 600) -> list[tuple[int, ...]]:
+    rng = random.Random(0)
+    return [(rng.randint(1000, 10000),) for _ in range(count)]
+
+
+def build(make: Callable, shapes: list[tuple[int, ...]], **kwargs) -> torch.optim.Optimizer:
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+    return make(params, **kwargs)
+
+
+def peak_step_memory(opt: torch.optim.Optimizer) -> float:
+    """Peak bytes allocated above the steady state during one step (MiB), via the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--compile", action="store_true", help="also time compile=True (compiles first)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps\n")
+
+    for set_name, shapes in (("resnet18", resnet18_shapes()), ("small-tensors", small_shapes())):
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        print(f"== {set_name}: {len(shapes)} tensors, {numel / 1e6:.1f}M float32 parameters")
+        for name in args.optimizers.split(","):
+            torch_cls, our_cls, hparams, impls = OPTIMIZERS[name]
+            contenders: dict[str, torch.optim.Optimizer] = {}
+            for impl in impls:
+                flags = {
+                    "forloop": {"foreach": False},
+                    "foreach": {"foreach": True},
+                    "fused": {"fused": True},
+                }
+                contenders[f"torch-{impl}"] = build(torch_cls, shapes, **hparams, **flags[impl])
+            contenders["ours-eager"] = build(our_cls, shapes, **hparams)
+            if args.compile:
+                contenders["ours-compiled"] = build(our_cls, shapes, **hparams, compile=True)
+                started = time.perf_counter()
+                contenders["ours-compiled"].step()
+                print(f"   ({name}: compile=True first step took {time.perf_counter() - started:.1f} s)")
+            for opt in contenders.values():
+                opt.step()
+            times: dict[str, list[float]] = {k: [] for k in contenders}
+            for _ in range(args.repeats):
+                for key, opt in contenders.items():
+                    started = time.perf_counter()
+                    opt.step()
+                    times[key].append(time.perf_counter() - started)
+            medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            torch_keys = [k for k in medians if k.startswith("torch")]
+            best = min((medians[k] for k in torch_keys), default=None)
+            foreach = medians.get("torch-foreach")
+            memory = {k: peak_step_memory(opt) for k, opt in contenders.items()}
+            print(f"  {name}")
+            for key in contenders:
+                ratios = []
+                if best is not None:
+                    ratios.append(f"{medians[key] / best:5.2f}x best torch")
+                if foreach is not None:
+                    ratios.append(f"{medians[key] / foreach:5.2f}x foreach")
+                print(
+                    f"    {key:15s} {medians[key]:8.2f} ms   peak +{memory[key]:7.1f} MiB   "
+                    + "  ".join(ratios)
+                )
+        print()
+
+
+if __name__ == "__main__":
+    main()
