@@ -335,12 +335,12 @@ def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dty
 def _initial_param_state(rule: engine.Rule, p: torch.Tensor) -> dict[str, Any]:
     """torch-style per-parameter state: ``step`` (a CPU float tensor, as torch keeps it) + buffers."""
     state = engine.init_rule_state(rule, [p.detach()])
-    scalar_dtype = torch.get_default_dtype()  # torch.optim's _get_scalar_dtype()
-    per_param = {"step": torch.tensor(0.0, dtype=scalar_dtype)}
+    # ``step`` in torch.optim's _get_scalar_dtype(); running scalars (NAdam's mu_product) keep the
+    # core's float64, which is more precise than torch's default-dtype copy and loads either way.
+    per_param = {"step": torch.tensor(0.0, dtype=torch.get_default_dtype())}
     for name, leaves in state.buffers.items():
         per_param[name] = leaves[0]
-    for name, value in state.scalars.items():
-        per_param[name] = value.to(scalar_dtype)
+    per_param.update(state.scalars)
     return per_param
 
 

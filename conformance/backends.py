@@ -47,7 +47,7 @@ class Backend:
 
     def asarray(self, value: Any, dtype: str = "float64") -> Any:
         """A backend array holding the host value ``value`` (NumPy or Python), in ``dtype``."""
-        host = np.asarray(value, dtype=np.float64)
+        host = np.array(value, dtype=np.float64, copy=True)  # never share memory with the caller
         if self.name == "torch":
             return self.module.asarray(host, device=self.device).to(self.dtype(dtype))
         if self.name == "jax":
@@ -61,12 +61,12 @@ class Backend:
     def to_numpy(self, x: Any) -> np.ndarray:
         """A float64 NumPy copy of a backend array (any dtype, any device)."""
         if self.name == "torch":
-            return x.detach().to("cpu", self.module.float64).numpy()
+            return x.detach().to("cpu", self.module.float64).numpy().copy()
         if self.name == "cupy":
             return self.module.asnumpy(x).astype(np.float64)
         if self.name == "array_api_strict":
             return np.from_dlpack(self.xp.astype(x, self.xp.float64)).copy()
-        return np.asarray(x, dtype=np.float64)
+        return np.array(x, dtype=np.float64, copy=True)
 
 
 def _load(name: str) -> Backend:

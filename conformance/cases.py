@@ -1,0 +1,112 @@
+"""The conformance cases: for every registered optimizer, configurations and their references.
+
+Every name in ``ao.registry()`` must have at least one case here (``missing_cases`` says which
+do not, and the suite fails on them). Each case fixes the factory's keyword arguments, the
+extra step inputs it needs (generated on the host, identical for every backend) and, where one
+exists, the external reference that must produce the same trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import agnostic_optim as ao
+from agnostic_optim.conformance.references import (
+    Reference,
+    official_adan,
+    official_lion,
+    optax_transform,
+    timm_optimizer,
+    torch_optim,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One optimizer configuration.
+
+    Attributes:
+      optimizer: the registry name.
+      label: a unique, readable id (``adam-optax-eps-root``).
+      kwargs: the factory's keyword arguments.
+      reference: the external implementation it must match (None: cross-backend only).
+      inputs: extra step inputs -> a function ``(backend, params, step, dtype) -> value``.
+    """
+
+    optimizer: str
+    label: str
+    kwargs: dict[str, Any]
+    reference: Reference | None = None
+    inputs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def build(self) -> ao.Optimizer:
+        return ao.registry()[self.optimizer].factory(**self.kwargs)
+
+
+def _case(optimizer: str, label: str, reference: Reference | None = None, **kwargs: Any) -> Case:
+    return Case(optimizer, f"{optimizer}-{label}", kwargs, reference)
+
+
+CASES: list[Case] = [
+    # ---- plain first-order / momentum
+    _case("sgd", "momentum-dampening-decay", torch_optim("SGD", lr=0.05, momentum=0.9, dampening=0.1,
+          weight_decay=1e-3), lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+    _case("sgd", "nesterov", torch_optim("SGD", lr=0.05, momentum=0.9, nesterov=True),
+          lr=0.05, momentum=0.9, nesterov=True),
+    _case("sgd", "optax-nesterov", optax_transform(lambda o: o.sgd(0.05, momentum=0.9, nesterov=True), "sgd"),
+          lr=0.05, momentum=0.9, nesterov=True),
+    # ---- adaptive
+    _case("adagrad", "lr-decay", torch_optim("Adagrad", lr=0.1, lr_decay=1e-3, weight_decay=1e-3),
+          lr=0.1, lr_decay=1e-3, weight_decay=1e-3),
+    _case("adagrad", "optax", optax_transform(lambda o: o.adagrad(0.1), "adagrad"),
+          lr=0.1, initial_accumulator_value=0.1, eps=1e-7, convention="optax"),
+    _case("rmsprop", "centered-momentum", torch_optim("RMSprop", lr=1e-2, momentum=0.5, centered=True,
+          weight_decay=1e-3), lr=1e-2, momentum=0.5, centered=True, weight_decay=1e-3),
+    _case("rmsprop", "optax-centered", optax_transform(lambda o: o.rmsprop(1e-2, centered=True, momentum=0.5),
+          "rmsprop"), lr=1e-2, alpha=0.9, centered=True, momentum=0.5, convention="optax"),
+    _case("adam", "decay", torch_optim("Adam", lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-3),
+          lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-3),
+    _case("adam", "optax-eps-root", optax_transform(lambda o: o.adam(1e-2, eps_root=1e-8), "adam"),
+          lr=1e-2, eps_root=1e-8),
+    _case("adamw", "decay", torch_optim("AdamW", lr=1e-2, weight_decay=0.1), lr=1e-2, weight_decay=0.1),
+    _case("adamw", "optax", optax_transform(lambda o: o.adamw(1e-2, weight_decay=0.1), "adamw"),
+          lr=1e-2, weight_decay=0.1),
+    _case("amsgrad", "torch", torch_optim("Adam", lr=1e-2, amsgrad=True), lr=1e-2),
+    _case("amsgrad", "optax", optax_transform(lambda o: o.amsgrad(1e-2), "amsgrad"),
+          lr=1e-2, convention="optax"),
+    _case("radam", "decay", torch_optim("RAdam", lr=1e-2, weight_decay=1e-3), lr=1e-2, weight_decay=1e-3),
+    _case("radam", "optax", optax_transform(lambda o: o.radam(1e-2, eps_root=1e-8), "radam"),
+          lr=1e-2, eps_root=1e-8, convention="optax"),
+    _case("nadam", "decoupled", torch_optim("NAdam", lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+          lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    _case("nadam", "optax", optax_transform(lambda o: o.nadam(1e-2), "nadam"), lr=1e-2, convention="optax"),
+    _case("adan", "prox-clip", official_adan(lr=1e-2, weight_decay=0.02, max_grad_norm=5.0),
+          lr=1e-2, weight_decay=0.02, max_grad_norm=5.0),
+    _case("adan", "no-prox", official_adan(lr=1e-2, weight_decay=0.02, no_prox=True),
+          lr=1e-2, weight_decay=0.02, no_prox=True),
+    _case("lion", "decay", official_lion(lr=1e-3, weight_decay=0.1), lr=1e-3, weight_decay=0.1),
+    _case("lion", "optax", optax_transform(lambda o: o.lion(1e-3, weight_decay=0.1), "lion"),
+          lr=1e-3, weight_decay=0.1),
+    # ---- large-batch / layer-wise
+    _case("lars", "timm-larc",
+          timm_optimizer("Lars", lr=0.1, momentum=0.9, weight_decay=1e-3, trust_clip=True),
+          lr=0.1, momentum=0.9, weight_decay=1e-3, trust_clip=True),
+    _case("lars", "optax", optax_transform(lambda o: o.lars(0.1, weight_decay=1e-3), "lars"),
+          lr=0.1, momentum=0.9, eps=0.0, weight_decay=1e-3, convention="optax"),
+    _case("lamb", "optax", optax_transform(lambda o: o.lamb(1e-2, weight_decay=1e-2), "lamb"),
+          lr=1e-2, weight_decay=1e-2),
+    _case("lamb", "fusedlamb", timm_optimizer("Lamb", lr=1e-2, weight_decay=1e-2),
+          lr=1e-2, weight_decay=1e-2, max_grad_norm=1.0, always_adapt=False),
+]  # fmt: skip
+
+
+def cases_for(optimizer: str) -> list[Case]:
+    return [case for case in CASES if case.optimizer == optimizer]
+
+
+def missing_cases() -> list[str]:
+    """Registered optimizers with no conformance case (the suite fails on any)."""
+    covered = {case.optimizer for case in CASES}
+    return [name for name in ao.registry() if name not in covered]
