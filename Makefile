@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch 2.13.0 is the pinned test version (its CPU build is on the project machines' disk).
 TORCH_PIN := torch==2.13.0
+TIMM_PIN := timm==1.0.31
 
 .PHONY: test demo lint conformance bench clean
 
@@ -13,6 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[test,all]"
+	# timm's LARS/LAMB are references; its package needs torchvision, which would replace the
+	# pinned torch, so only its source files are installed (the tests load them directly).
+	$(BIN)/python -m pip install --quiet --no-deps "$(TIMM_PIN)"
 	touch $@
 
 test: $(BIN)/.installed
