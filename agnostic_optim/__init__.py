@@ -12,7 +12,7 @@ Every optimizer is a pair of pure functions over pytrees of arrays from any arra
 Adapters for framework training loops live in ``agnostic_optim.adapters``.
 """
 
-from agnostic_optim import schedules
+from agnostic_optim import checkpoint, schedules
 from agnostic_optim.adaptive import adagrad, adam, adamw, amsgrad, rmsprop
 from agnostic_optim.adaptive_variants import adan, lion, nadam, radam
 from agnostic_optim.composition import (
@@ -48,6 +48,7 @@ __all__ = [
     "adan",
     "amsgrad",
     "chain",
+    "checkpoint",
     "clip_by_global_norm",
     "get_hparams",
     "lamb",
