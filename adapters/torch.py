@@ -133,6 +133,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = False
+    _implicit_step = False  # see _keeps_step
 
     def __init__(
         self,
@@ -232,16 +233,37 @@ class TorchOptimizer(torch.optim.Optimizer):
                     self.state[p].update(_initial_param_state(opt.rule, p))
             for subset in _by_history(params, self.state, opt.rule):
                 self._step_subset(group, opt.rule, subset)
+            if not self._keeps_step(opt.rule):
+                for p in params:
+                    self.state[p].pop("step")
         return loss
+
+    def _keeps_step(self, rule: engine.Rule) -> bool:
+        """Whether per-param state holds ``step``. torch.optim.SGD keeps none (a momentum buffer
+        is present from the second step on); ours does the same unless a schedule needs the count."""
+        return not self._implicit_step or bool(rule.scalars) or any(map(is_scheduled, rule.hparams.values()))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``; in groups with a ``state_dtype`` or compensation the
+        floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if group.get("state_dtype") is None and group.get("compensation") is None:
+                continue
+            for p, index in zip(group["params"], saved_group["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, copy=True)
 
     def _step_subset(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> None:
         """One core step for params that share a step count: scalars eagerly, arrays fused."""
         first = params[0]
         states = [self.state[p] for p in params]
         names = engine.buffer_names(rule)
-        buffers = {name: [_storage(rule, p, s[name]) for p, s in zip(params, states)] for name in names}
+        buffers = {name: [_storage(rule, p, name, s[name]) for p, s in zip(params, states)] for name in names}
         hparams, scheduled = self._hparams(group, rule, first)
-        count = torch.tensor(int(states[0]["step"]), dtype=torch.int32, device=first.device)
+        count = torch.tensor(_step_count(states[0]), dtype=torch.int32, device=first.device)
         running = {
             k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
         }
@@ -272,11 +294,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
             new_buffers = buffers
         for i, s in enumerate(states):
-            s["step"] = torch.as_tensor(s["step"]) + 1
+            s["step"] = torch.as_tensor(float(_step_count(s) + 1), dtype=torch.get_default_dtype())
             for name in names:
                 s[name] = new_buffers[name][i]
             for k, v in step.running.items():
-                s[k] = v.to(device=s[k].device, dtype=s[k].dtype)
+                # each param its own tensor: torch.optim updates loaded state in place
+                s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
 
     def _compiled_update(self, rule: engine.Rule) -> Callable[..., None]:
         """``update_leaves`` compiled by ``torch.compile``, writing params and buffers in place.
@@ -344,13 +367,23 @@ def _initial_param_state(rule: engine.Rule, p: torch.Tensor) -> dict[str, Any]:
     return per_param
 
 
-def _storage(rule: engine.Rule, p: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """A state buffer in the dtype the rule stores it in (torch's load_state_dict casts to the
-    param's dtype, which would silently drop a float32 state of bf16 params)."""
-    if rule.precision.compensation == "master" and buffer is not None:
-        return buffer.to(rule.precision.compute_dtype(torch, p))
-    want = rule.precision.storage_dtype(torch, p)
-    return buffer if buffer.dtype == want or rule.precision.compensation == "kahan" else buffer.to(want)
+def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor) -> torch.Tensor:
+    """State buffer ``name`` in the dtype the rule keeps it in (a checkpoint written by torch.optim
+    may hold it in another): the Kahan compensation in the param's dtype, master weights in the
+    compute dtype, every other buffer in the state dtype."""
+    precision = rule.precision
+    if name == precision.extra_buffer and precision.compensation == "kahan":
+        want = p.dtype
+    elif name == precision.extra_buffer:
+        want = precision.compute_dtype(torch, p)
+    else:
+        want = precision.storage_dtype(torch, p)
+    return buffer if buffer.dtype == want else buffer.to(want)
+
+
+def _step_count(state: dict[str, Any]) -> int:
+    """A param's completed steps; a state without ``step`` is torch.optim.SGD's (see _keeps_step)."""
+    return int(state["step"]) if "step" in state else 1
 
 
 def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> list[list[torch.Tensor]]:
@@ -358,7 +391,7 @@ def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> l
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         s = state[p]
-        key = (float(s["step"]), *(float(s[k]) for k in rule.scalars))
+        key = (_step_count(s), *(float(s[k]) for k in rule.scalars))
         groups.setdefault(key, []).append(p)
     return list(groups.values())
 
@@ -367,7 +400,10 @@ def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> l
 
 
 def _named_class(
-    name: str, factory: Callable[..., ao.Optimizer], positional: tuple[str, ...] | None = None
+    name: str,
+    factory: Callable[..., ao.Optimizer],
+    positional: tuple[str, ...] | None = None,
+    implicit_step: bool = False,
 ) -> type[TorchOptimizer]:
     """A TorchOptimizer subclass for one factory, taking its hyperparameters positionally in
     ``positional`` order (torch's order for torch's classes) and by keyword."""
@@ -386,19 +422,30 @@ def _named_class(
         f"``torch.optim.Optimizer`` running ``agnostic_optim.{factory.__name__}`` "
         f"(positional hyperparameters: {', '.join(order)}).\n\n{inspect.getdoc(factory)}"
     )
-    return type(name, (TorchOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    namespace = {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": __name__,
+        "_implicit_step": implicit_step,
+    }
+    return type(name, (TorchOptimizer,), namespace)
 
 
-_SGD_ORDER = ("lr", "momentum", "dampening", "weight_decay", "nesterov")  # torch.optim.SGD's order
+def _torch_order(cls: type[torch.optim.Optimizer]) -> tuple[str, ...]:
+    """torch.optim's positional hyperparameters for ``cls`` (execution flags such as ``foreach``
+    included: they are accepted and ignored like their keyword forms)."""
+    parameters = list(inspect.signature(cls).parameters.values())[1:]  # after ``params``
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-SGD = _named_class("SGD", ao.sgd, _SGD_ORDER)
-Adagrad = _named_class("Adagrad", ao.adagrad)
-RMSprop = _named_class("RMSprop", ao.rmsprop)
-Adam = _named_class("Adam", ao.adam)
-AdamW = _named_class("AdamW", ao.adamw)
+
+SGD = _named_class("SGD", ao.sgd, _torch_order(torch.optim.SGD), implicit_step=True)
+Adagrad = _named_class("Adagrad", ao.adagrad, _torch_order(torch.optim.Adagrad))
+RMSprop = _named_class("RMSprop", ao.rmsprop, _torch_order(torch.optim.RMSprop))
+Adam = _named_class("Adam", ao.adam, _torch_order(torch.optim.Adam))
+AdamW = _named_class("AdamW", ao.adamw, _torch_order(torch.optim.AdamW))
 AMSGrad = _named_class("AMSGrad", ao.amsgrad)
-RAdam = _named_class("RAdam", ao.radam)
-NAdam = _named_class("NAdam", ao.nadam)
+RAdam = _named_class("RAdam", ao.radam, _torch_order(torch.optim.RAdam))
+NAdam = _named_class("NAdam", ao.nadam, _torch_order(torch.optim.NAdam))
 Adan = _named_class("Adan", ao.adan)
 Lion = _named_class("Lion", ao.lion)
 LARS = _named_class("LARS", ao.lars)

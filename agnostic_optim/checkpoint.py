@@ -49,7 +49,7 @@ def save_state(path: str | os.PathLike, state: PyTree) -> None:
     host = {}
     for name, leaf in state_to_dict(state).items():
         array = _backend.to_host(leaf)
-        host[name] = np.ascontiguousarray(array)
+        host[name] = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d arrays 0-d
     save_file(host, os.fspath(path))
 
 

@@ -37,11 +37,12 @@ def chunk_views(
                 out_buffers[name].append(leaves[i])
             continue
         flat_grad = xp.reshape(grad, (-1,))
-        starts = range(0, flats[0].shape[0], size)
-        out_params.extend(flats[0][k : k + size] for k in starts)
-        out_grads.extend(flat_grad[k : k + size] for k in starts)
+        n = flats[0].shape[0]
+        spans = [(k, min(k + size, n)) for k in range(0, n, size)]  # strict refuses slices past the end
+        out_params.extend(flats[0][a:b] for a, b in spans)
+        out_grads.extend(flat_grad[a:b] for a, b in spans)
         for name, flat in zip(buffers, flats[1:]):
-            out_buffers[name].extend(flat[k : k + size] for k in starts)
+            out_buffers[name].extend(flat[a:b] for a, b in spans)
     return out_params, out_grads, out_buffers
 
 

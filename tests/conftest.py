@@ -25,6 +25,12 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return _require(request.param)
 
 
+@pytest.fixture(params=[name for name in BACKEND_NAMES if name != "jax"])
+def mutable(request: pytest.FixtureRequest) -> Backend:
+    """Every backend whose arrays can be written in place (JAX's cannot; ArrayOptimizer refuses them)."""
+    return _require(request.param)
+
+
 @pytest.fixture
 def xp(backend: Backend):
     return backend.xp

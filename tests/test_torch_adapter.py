@@ -1,0 +1,989 @@
+"""The PyTorch adapter as a drop-in for torch.optim, with torch.optim as the reference.
+
+A small MLP (Linear-Tanh-Linear, full-batch MSE on a fixed teacher's data) is trained by
+torch.optim and by our classes from identical starting weights, in lockstep, and compared after
+every step (max-norm relative error over all parameters: ``<= 1e-6`` in float32, ``<= 1e-12`` in
+float64, where torch runs with float64 as its default dtype so its scalar state is float64 too).
+
+Covered: trajectories with two param groups and lr schedulers (OneCycleLR cycling momentum and
+Adam's betas included); checkpoints (``state_dict`` through ``torch.save``/``torch.load(...,
+weights_only=True)``) resumed in a fresh optimizer of ours and across ours <-> torch.optim; every
+registered optimizer training through the eager path and through ``compile=True``; construction
+(factories, registry names, errors, torch-only flags, positional arguments); the drop-in details
+(grads that are None, closures, hooks, ``add_param_group``, zero-lr steps, sparse gradients);
+``torch.amp.GradScaler``; bf16 params with float32 state; DDP and FSDP2 on two gloo processes.
+
+Every tensor here is tiny, so torch runs single-threaded (OpenMP threads only add contention).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+
+import agnostic_optim as ao
+from agnostic_optim.conformance.compare import relative_error
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+ours = pytest.importorskip("agnostic_optim.adapters.torch", reason="the torch adapter needs torch")
+nn = torch.nn
+F = torch.nn.functional
+
+IN, HIDDEN, OUT, BATCH = 4, 16, 3, 64
+STEPS = 50  # trajectory length of the comparisons with torch.optim
+RESUME_AT = 25  # checkpoints are taken after this many steps
+TRAIN_STEPS = 60  # every registered optimizer must halve the loss in this many steps
+TOL = {"float32": 1e-6, "float64": 1e-12}
+
+TORCH_CLASSES = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "RAdam", "NAdam")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request: pytest.FixtureRequest) -> str:
+    """float32 with torch's default dtype; float64 with float64 as torch's default dtype."""
+    if request.param == "float64":
+        request.getfixturevalue("torch64")
+    return request.param
+
+
+# --------------------------------------------------------------------------- the problem
+
+
+def make_mlp(dtype: Any = torch.float32, seed: int = 0) -> nn.Sequential:
+    """Linear-Tanh-Linear with weights drawn from a fixed seed (the global RNG is left alone),
+    in float32 whatever the default dtype, then cast: the same weights in every process."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Linear(IN, HIDDEN, dtype=torch.float32), nn.Tanh(), nn.Linear(HIDDEN, OUT, dtype=torch.float32)
+        )
+    return model.to(dtype)
+
+
+def make_data(dtype: Any = torch.float32, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and the targets of a fixed random teacher network (drawn in float64, then cast)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, IN, generator=g, dtype=torch.float64)
+    w1 = torch.randn(IN, 8, generator=g, dtype=torch.float64)
+    w2 = torch.randn(8, OUT, generator=g, dtype=torch.float64)
+    return x.to(dtype), (torch.tanh(x @ w1) @ w2).to(dtype)
+
+
+def backward(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], sign: float = 1.0) -> float:
+    """Zero the grads, compute ``sign * MSE`` and its gradients; returns the MSE."""
+    x, y = data
+    for p in model.parameters():
+        p.grad = None
+    loss = F.mse_loss(model(x), y)
+    (sign * loss).backward()
+    return loss.item()
+
+
+def train(opt: Any, model: nn.Module, data: Any, steps: int, scheduler: Any = None) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        losses.append(backward(model, data))
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+def flat(model_or_params: Any) -> np.ndarray:
+    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    return np.concatenate([p.detach().to(torch.float64).reshape(-1).numpy() for p in params])
+
+
+def error(ours_model: Any, reference: Any) -> float:
+    """Max-norm relative error over all parameters."""
+    return relative_error(flat(ours_model), flat(reference))
+
+
+def two_groups(model: nn.Sequential, second: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first layer with the optimizer's defaults, the last layer with ``second``'s overrides."""
+    return [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), **second}]
+
+
+def roundtrip(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)`` (nothing unpicklable)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def state_snapshot(opt: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """A deep copy of the per-parameter state, keyed by position in the param groups."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {
+        i: {
+            k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in opt.state[p].items()
+        }
+        for i, p in enumerate(params)
+        if p in opt.state
+    }
+
+
+def assert_same_state(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> None:
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys(), f"param {i}"
+        for k in a[i]:
+            x, y = a[i][k], b[i][k]
+            if isinstance(x, torch.Tensor):
+                assert x.dtype == y.dtype and torch.equal(x, y), f"param {i}: state {k!r} changed"
+            else:
+                assert x == y, f"param {i}: state {k!r} changed"
+
+
+def make_scheduler(kind: str | None, opt: torch.optim.Optimizer, steps: int = STEPS) -> Any:
+    if kind is None:
+        return None
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    if kind == "one_cycle":  # cycles SGD's momentum / Adam's betas[0] between 0.85 and 0.95
+        max_lr = [2 * group["lr"] for group in opt.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, cycle_momentum=True)
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- 1. trajectories
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison with torch.optim: the class name (ours and torch's), its hyperparameters,
+    the second param group's overrides, the lr scheduler, and the loss sign (-1 with maximize)."""
+
+    id: str
+    name: str
+    hparams: dict[str, Any]
+    second: dict[str, Any] = field(default_factory=dict)
+    schedule: str | None = "step"
+    sign: float = 1.0
+
+
+TRAJECTORY_CASES = [
+    Case(
+        "sgd-nesterov-wd",
+        "SGD",
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        dict(lr=0.025, weight_decay=5e-2),
+    ),
+    Case(
+        "sgd-one_cycle-momentum",
+        "SGD",
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+        dict(lr=0.025, weight_decay=0.0),
+        schedule="one_cycle",
+    ),
+    Case(
+        "adam-amsgrad",
+        "Adam",
+        dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-2, amsgrad=True),
+        dict(lr=5e-3, weight_decay=0.0),
+    ),
+    Case(
+        "adam-one_cycle-betas",
+        "Adam",
+        dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6),
+        dict(lr=5e-3, weight_decay=0.1),
+        schedule="one_cycle",
+    ),
+    Case("adamw", "AdamW", dict(lr=1e-2, weight_decay=0.1), dict(lr=5e-3, weight_decay=0.01)),
+    Case(
+        "adamw-one_cycle-maximize",
+        "AdamW",
+        dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, maximize=True),
+        dict(lr=5e-3, weight_decay=0.2),
+        schedule="one_cycle",
+        sign=-1.0,
+    ),
+    Case(
+        "rmsprop-centered-momentum",
+        "RMSprop",
+        dict(lr=1e-2, alpha=0.9, eps=1e-6, momentum=0.5, centered=True, weight_decay=1e-2),
+        dict(lr=5e-3, momentum=0.3, weight_decay=0.0),
+    ),
+    Case(
+        "rmsprop-maximize",
+        "RMSprop",
+        dict(lr=1e-2, maximize=True),
+        dict(lr=5e-3, alpha=0.9),
+        sign=-1.0,
+    ),
+    Case(
+        "adagrad-lr_decay",
+        "Adagrad",
+        dict(lr=0.1, lr_decay=1e-2, weight_decay=1e-2, initial_accumulator_value=0.1),
+        dict(lr=0.05, weight_decay=0.0, eps=1e-6),
+    ),
+    Case(
+        "radam-decoupled",
+        "RAdam",
+        dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, decoupled_weight_decay=True),
+        dict(lr=5e-3, weight_decay=0.01),
+    ),
+    Case("radam-coupled", "RAdam", dict(lr=1e-2, weight_decay=1e-2), dict(lr=5e-3, weight_decay=0.1)),
+    Case(
+        "nadam-decoupled",
+        "NAdam",
+        dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
+        dict(lr=5e-3, momentum_decay=8e-3, weight_decay=0.01),
+    ),
+    Case(
+        "nadam-one_cycle",
+        "NAdam",
+        dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2),
+        dict(lr=5e-3, weight_decay=0.0),
+        schedule="one_cycle",
+    ),
+]
+
+
+def test_cases_cover_every_torch_class() -> None:
+    assert {case.name for case in TRAJECTORY_CASES} == set(TORCH_CLASSES)
+    for name in TORCH_CLASSES:
+        assert issubclass(getattr(ours, name), torch.optim.Optimizer)
+
+
+def lockstep(
+    case: Case, dtype: str, steps: int = STEPS, model: nn.Sequential | None = None
+) -> tuple[float, list[Any]]:
+    """Run ``case`` with torch.optim and with ours in lockstep; (worst error, [ours, torch] runs)."""
+    data = make_data(dtype)
+    reference_model = model if model is not None else make_mlp(dtype)
+    runs = []
+    for module in (ours, torch.optim):
+        m = copy.deepcopy(reference_model)
+        opt = getattr(module, case.name)(two_groups(m, case.second), **case.hparams)
+        runs.append((m, opt, make_scheduler(case.schedule, opt, steps)))
+    worst = 0.0
+    for step in range(steps):
+        for m, opt, scheduler in runs:
+            backward(m, data, case.sign)
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+        err = error(runs[0][0], runs[1][0])
+        assert np.isfinite(err), f"step {step + 1}: non-finite parameters"
+        worst = max(worst, err)
+    return worst, runs
+
+
+@pytest.mark.parametrize("case", TRAJECTORY_CASES, ids=lambda c: c.id)
+def test_trajectory_matches_torch_optim(case: Case, dtype: str) -> None:
+    worst, runs = lockstep(case, dtype)
+    assert worst <= TOL[dtype], f"{case.id} {dtype}: max relative error {worst:.3e} > {TOL[dtype]:.0e}"
+    (_, mine, _), (_, reference, _) = runs
+    # The schedulers really moved the hyperparameters, identically on both sides.
+    for group, ref_group in zip(mine.param_groups, reference.param_groups):
+        for name in ("lr", "momentum", "betas"):
+            if name in ref_group:
+                assert group[name] == ref_group[name]
+    if case.schedule == "one_cycle":
+        key = "betas" if "betas" in reference.defaults else "momentum"
+        assert mine.param_groups[0][key] != case.hparams.get(key)
+
+
+# --------------------------------------------------------------------------- 2. checkpoints
+
+CHECKPOINT_CASES = {
+    "Adam": dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=1e-2, amsgrad=True),
+    "AdamW": dict(lr=1e-2, weight_decay=0.1),
+    "SGD": dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "RMSprop": dict(lr=1e-2, alpha=0.9, momentum=0.5, centered=True),
+    "Adagrad": dict(lr=0.1, lr_decay=1e-2, initial_accumulator_value=0.1),
+    "NAdam": dict(lr=1e-2, weight_decay=1e-2),
+    "RAdam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+}
+SECOND_GROUP = dict(lr=5e-3)
+STATE_KEYS = {
+    "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "AdamW": {"step", "exp_avg", "exp_avg_sq"},
+    "SGD": {"momentum_buffer"},
+    "RMSprop": {"step", "square_avg", "momentum_buffer", "grad_avg"},
+    "Adagrad": {"step", "sum"},
+    "NAdam": {"step", "mu_product", "exp_avg", "exp_avg_sq"},
+    "RAdam": {"step", "exp_avg", "exp_avg_sq"},
+}
+
+
+class Run:
+    """A model, an optimizer (ours or torch's) over two groups and a StepLR, on float64 data."""
+
+    def __init__(self, module: Any, name: str, model: nn.Sequential):
+        self.model = model
+        self.opt = getattr(module, name)(two_groups(model, SECOND_GROUP), **CHECKPOINT_CASES[name])
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.opt, step_size=10, gamma=0.5)
+
+    def train(self, steps: int) -> Run:
+        train(self.opt, self.model, make_data(torch.float64), steps, self.scheduler)
+        return self
+
+    def checkpoint(self) -> dict[str, Any]:
+        return roundtrip(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+        )
+
+    @classmethod
+    def resume(cls, module: Any, name: str, checkpoint: dict[str, Any]) -> Run:
+        model = make_mlp(torch.float64, seed=123)  # other weights: the checkpoint must set them
+        model.load_state_dict(checkpoint["model"])
+        run = cls(module, name, model)
+        run.opt.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        return run
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_checkpoint_resumes_in_fresh_optimizer_of_ours(torch64, name: str) -> None:
+    uninterrupted = Run(ours, name, make_mlp(torch.float64)).train(STEPS)
+    checkpoint = Run(ours, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()
+    resumed = Run.resume(ours, name, checkpoint).train(STEPS - RESUME_AT)
+    for p, q in zip(resumed.model.parameters(), uninterrupted.model.parameters(), strict=True):
+        assert torch.equal(p, q), (
+            f"{name}: resumed run differs by {error(resumed.model, uninterrupted.model):.3e}"
+        )
+    assert_same_state(state_snapshot(resumed.opt), state_snapshot(uninterrupted.opt))
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_checkpoint_state_keys_match_torch(torch64, name: str) -> None:
+    mine = Run(ours, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()["optimizer"]
+    theirs = Run(torch.optim, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()["optimizer"]
+    assert mine["state"].keys() == theirs["state"].keys()
+    for i, state in theirs["state"].items():
+        assert set(state) == STATE_KEYS[name]
+        assert set(mine["state"][i]) == set(state), f"{name} param {i}"
+        for key, value in state.items():
+            assert mine["state"][i][key].shape == value.shape, f"{name} param {i}: {key}"
+    assert len(mine["param_groups"]) == len(theirs["param_groups"])
+    for group, ref_group in zip(mine["param_groups"], theirs["param_groups"]):
+        assert group["params"] == ref_group["params"]
+        assert group["lr"] == ref_group["lr"]
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_state_tensors_are_each_params_own(torch64, name: str) -> None:
+    """torch.optim updates loaded state in place (``mu_product *= mu``, ``step += 1``): a tensor
+    shared by several params (torch.save keeps the sharing) would be updated once per param."""
+    run = Run(ours, name, make_mlp(torch.float64)).train(3)
+    for state in (
+        {i: dict(run.opt.state[p]) for i, p in enumerate(run.model.parameters())},
+        run.checkpoint()["optimizer"]["state"],
+    ):
+        owners: dict[int, str] = {}
+        for i, entries in state.items():
+            for key, value in entries.items():
+                where = owners.setdefault(value.untyped_storage().data_ptr(), f"param {i} {key!r}")
+                assert where == f"param {i} {key!r}", f"{name}: param {i} {key!r} shares {where}'s tensor"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_checkpoint_of_ours_resumes_in_torch_optim(torch64, name: str) -> None:
+    uninterrupted = Run(ours, name, make_mlp(torch.float64)).train(STEPS)
+    checkpoint = Run(ours, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()
+    resumed = Run.resume(torch.optim, name, checkpoint).train(STEPS - RESUME_AT)
+    err = error(resumed.model, uninterrupted.model)
+    assert err <= TOL["float64"], f"{name}: torch.optim resumed from ours differs by {err:.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_checkpoint_of_torch_optim_resumes_in_ours(torch64, name: str) -> None:
+    uninterrupted = Run(torch.optim, name, make_mlp(torch.float64)).train(STEPS)
+    checkpoint = Run(torch.optim, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()
+    resumed = Run.resume(ours, name, checkpoint).train(STEPS - RESUME_AT)
+    err = error(resumed.model, uninterrupted.model)
+    assert err <= TOL["float64"], f"{name}: ours resumed from torch.optim differs by {err:.3e}"
+
+
+# --------------------------------------------------------------------------- 3. every optimizer trains
+
+TRAIN_HPARAMS: dict[str, dict[str, Any]] = {
+    "sgd": dict(lr=0.1, momentum=0.9),
+    "adagrad": dict(lr=0.1),
+    "rmsprop": dict(lr=1e-2),
+    "adam": dict(lr=3e-2),
+    "adamw": dict(lr=3e-2, weight_decay=1e-2),
+    "amsgrad": dict(lr=3e-2),
+    "radam": dict(lr=3e-2),
+    "nadam": dict(lr=3e-2),
+    "adan": dict(lr=3e-2),
+    "lion": dict(lr=1e-2),
+    "lars": dict(lr=5.0, momentum=0.9, weight_decay=1e-4),
+    "lamb": dict(lr=3e-2),
+}
+
+
+def test_every_registered_optimizer_has_a_class() -> None:
+    registered = set(ao.registry())
+    missing = registered - set(ours.CLASS_FOR_FACTORY)
+    assert not missing, f"registered optimizers without a torch class: {sorted(missing)}"
+    for name, cls in ours.CLASS_FOR_FACTORY.items():
+        assert issubclass(cls, ours.TorchOptimizer) and issubclass(cls, torch.optim.Optimizer), name
+        assert cls.__name__ in ours.__all__, name
+
+
+@pytest.mark.parametrize("name", sorted(ours.CLASS_FOR_FACTORY))
+def test_class_runs_its_registered_factory(name: str) -> None:
+    """The class and ``TorchOptimizer(params, name)`` take bitwise the same steps."""
+    hparams = TRAIN_HPARAMS[name]
+    data = make_data()
+    a, b = make_mlp(), make_mlp()
+    train(ours.CLASS_FOR_FACTORY[name](a.parameters(), **hparams), a, data, 3)
+    train(ours.TorchOptimizer(b.parameters(), name, **hparams), b, data, 3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", sorted(ours.CLASS_FOR_FACTORY))
+def test_every_optimizer_trains_the_mlp(name: str) -> None:
+    assert name in TRAIN_HPARAMS, f"add training hyperparameters for {name!r} to TRAIN_HPARAMS"
+    model, data = make_mlp(), make_data()
+    opt = ours.CLASS_FOR_FACTORY[name](model.parameters(), **TRAIN_HPARAMS[name])
+    losses = train(opt, model, data, TRAIN_STEPS)
+    final = F.mse_loss(model(data[0]), data[1]).item()
+    assert np.isfinite(final) and final < 0.5 * losses[0], f"{name}: loss {losses[0]:.4f} -> {final:.4f}"
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert p.dtype == torch.float32
+            if name == "sgd":  # torch.optim.SGD keeps no step count, nor do we
+                assert set(opt.state[p]) <= {"momentum_buffer"}
+            else:
+                assert int(opt.state[p]["step"]) == TRAIN_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
+def test_compiled_path_agrees_with_eager_and_trains(name: str) -> None:
+    """compile=True: same numbers as eager, no recompilation when the scheduler changes lr."""
+    data = make_data()
+    runs = {}
+    for compiled in (False, True):
+        model = make_mlp()
+        opt = ours.CLASS_FOR_FACTORY[name](model.parameters(), compile=compiled, **TRAIN_HPARAMS[name])
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+        losses = train(opt, model, data, 1, scheduler)  # the compiled path compiles here
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            losses += train(opt, model, data, 9, scheduler)
+            at_10 = [p.detach().clone() for p in model.parameters()]
+            losses += train(opt, model, data, TRAIN_STEPS - 10, scheduler)
+        runs[compiled] = (at_10, losses, F.mse_loss(model(data[0]), data[1]).item())
+    err = relative_error(flat(runs[True][0]), flat(runs[False][0]))
+    assert err <= 1e-5, f"{name}: compiled vs eager after 10 steps: {err:.3e}"
+    initial, final = runs[True][1][0], runs[True][2]
+    assert final < 0.5 * initial, f"{name} compiled: loss {initial:.4f} -> {final:.4f}"
+
+
+# --------------------------------------------------------------------------- 4. construction
+
+
+def adamw_reference(steps: int = 5, **kwargs: Any) -> nn.Sequential:
+    model = make_mlp()
+    train(torch.optim.AdamW(model.parameters(), lr=1e-2, **kwargs), model, make_data(), steps)
+    return model
+
+
+def test_torch_optimizer_with_factory_and_registry_name() -> None:
+    reference = adamw_reference(weight_decay=0.1)
+    for factory in (ao.adamw, "adamw"):
+        model = make_mlp()
+        opt = ours.TorchOptimizer(model.parameters(), factory, lr=1e-2, weight_decay=0.1)
+        train(opt, model, make_data(), 5)
+        assert error(model, reference) <= TOL["float32"], factory
+
+
+def test_construction_errors() -> None:
+    params = list(make_mlp().parameters())
+    with pytest.raises(TypeError):
+        ours.AdamW(params, lr=1e-3, bogus=1.0)
+    with pytest.raises(TypeError):
+        ours.TorchOptimizer(params, ao.sgd, lr=0.1, betas=(0.9, 0.99))
+    with pytest.raises(ValueError):
+        ours.TorchOptimizer(params, "no_such_optimizer")
+    with pytest.raises(ValueError):  # per-group values are validated at construction too
+        ours.AdamW([{"params": params[:2], "lr": -1.0}, {"params": params[2:]}], lr=1e-3)
+    with pytest.raises(NotImplementedError):
+        ours.AdamW(params, lr=1e-3, differentiable=True)
+    with pytest.raises(NotImplementedError):
+        ours.TorchOptimizer(params, "sgd", lr=0.1, differentiable=True)
+
+
+@pytest.mark.parametrize("name", sorted(ours.CLASS_FOR_FACTORY))
+def test_negative_lr_is_refused_at_construction(name: str) -> None:
+    with pytest.raises(ValueError):
+        ours.CLASS_FOR_FACTORY[name](make_mlp().parameters(), lr=-1.0)
+
+
+@pytest.mark.parametrize(
+    "flags", [dict(foreach=True), dict(foreach=False), dict(fused=True), dict(capturable=False)], ids=str
+)
+def test_torch_execution_flags_are_accepted(flags: dict[str, Any]) -> None:
+    reference = adamw_reference()
+    model = make_mlp()
+    train(ours.AdamW(model.parameters(), lr=1e-2, **flags), model, make_data(), 5)
+    assert error(model, reference) <= TOL["float32"]
+
+
+POSITIONAL_VALUES = {  # values for every argument torch.optim accepts positionally
+    "lr": 0.01,
+    "momentum": 0.5,
+    "dampening": 0.0,
+    "weight_decay": 0.01,
+    "nesterov": True,
+    "betas": (0.8, 0.95),
+    "eps": 1e-6,
+    "amsgrad": True,
+    "alpha": 0.9,
+    "centered": True,
+    "capturable": False,
+    "foreach": True,
+    "maximize": True,
+    "differentiable": False,
+    "lr_decay": 0.01,
+    "initial_accumulator_value": 0.1,
+    "decoupled_weight_decay": True,
+    "momentum_decay": 0.005,
+}
+
+
+@pytest.mark.parametrize("name", TORCH_CLASSES)
+def test_positional_arguments_mean_what_they_mean_in_torch(name: str) -> None:
+    """``Cls(params, lr, ...)`` with all of torch's positional arguments, as in torch.optim."""
+    signature = inspect.signature(getattr(torch.optim, name).__init__)
+    names = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "params")
+    ]
+    args = [POSITIONAL_VALUES[n] for n in names]
+    models = []
+    for module in (ours, torch.optim):
+        model = make_mlp()
+        train(getattr(module, name)(model.parameters(), *args), model, make_data(), 5)
+        models.append(model)
+    assert error(*models) <= TOL["float32"], f"{name}{tuple(zip(names, args))}"
+
+
+# --------------------------------------------------------------------------- 5. drop-in details
+
+
+def drop_grads(step: int, model: nn.Sequential) -> None:
+    """Leave some params without a gradient: the last layer for the first 8 steps and every
+    third step after; the first layer's weight on steps 15-19."""
+    if step < 8 or step % 3 == 0:
+        model[2].weight.grad = None
+        model[2].bias.grad = None
+    if 15 <= step < 20:
+        model[0].weight.grad = None
+
+
+@pytest.mark.parametrize(
+    "name, hparams",
+    [
+        ("Adam", dict(lr=1e-2, weight_decay=1e-2)),
+        ("SGD", dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
+        ("NAdam", dict(lr=1e-2)),
+        ("Adagrad", dict(lr=0.1, lr_decay=1e-2)),
+        ("RMSprop", dict(lr=1e-2, momentum=0.5, centered=True)),
+    ],
+)
+def test_params_without_grad_are_skipped_like_torch(torch64, name: str, hparams: dict[str, Any]) -> None:
+    data = make_data(torch.float64)
+    base = make_mlp(torch.float64)
+    runs = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        runs.append((model, getattr(module, name)(model.parameters(), **hparams)))
+    (mine_model, mine), _ = runs
+    last = mine_model[2].weight
+    stepped = {p: 0 for p in mine_model.parameters()}
+    for step in range(30):
+        for model, _ in runs:
+            backward(model, data)
+            drop_grads(step, model)
+        skipped = [p for p in mine_model.parameters() if p.grad is None]
+        before = {p: (p.detach().clone(), {k: v.clone() for k, v in mine.state[p].items()}) for p in skipped}
+        for _, opt in runs:
+            opt.step()
+        for p in mine_model.parameters():
+            stepped[p] += p.grad is not None
+        for p, (value, state) in before.items():
+            assert torch.equal(p, value), f"step {step}: a param without grad moved"
+            if state:
+                assert_same_state({0: dict(mine.state[p])}, {0: state})
+            else:
+                assert p not in mine.state or not mine.state[p], "state created for a param without grad"
+        if step < 8:
+            assert last not in mine.state or not mine.state[last]
+        err = error(runs[0][0], runs[1][0])
+        assert err <= TOL["float64"], f"{name} step {step + 1}: {err:.3e}"
+    reference = runs[1][1]
+    for p, q in zip(mine_model.parameters(), runs[1][0].parameters()):
+        assert set(mine.state[p]) == set(reference.state[q])
+        if "step" in reference.state[q]:
+            assert int(mine.state[p]["step"]) == stepped[p]
+            assert float(mine.state[p]["step"]) == float(reference.state[q]["step"])
+
+
+def test_zero_grad() -> None:
+    model, data = make_mlp(), make_data()
+    opt = ours.Adam(model.parameters(), lr=1e-2)
+    backward(model, data)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    backward(model, data)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    before = flat(model)
+    opt.step()  # no grads at all: nothing to do
+    assert np.array_equal(flat(model), before) and not opt.state
+
+
+def test_step_with_closure_like_torch(torch64) -> None:
+    data = make_data(torch.float64)
+    base = make_mlp(torch.float64)
+    runs = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        opt = module.Adam(model.parameters(), lr=1e-2)
+        calls = []
+
+        def closure(model=model, opt=opt, calls=calls) -> torch.Tensor:
+            assert torch.is_grad_enabled()  # torch runs closures with grad enabled
+            opt.zero_grad()
+            loss = F.mse_loss(model(data[0]), data[1])
+            loss.backward()
+            calls.append(loss.item())
+            return loss
+
+        losses = [opt.step(closure) for _ in range(10)]
+        assert all(isinstance(loss, torch.Tensor) for loss in losses)
+        assert [loss.item() for loss in losses] == calls
+        runs.append((model, calls))
+    assert error(runs[0][0], runs[1][0]) <= TOL["float64"]
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-12)
+    assert ours.Adam(make_mlp().parameters()).step() is None
+
+
+def test_step_hooks_are_called() -> None:
+    model, data = make_mlp(), make_data()
+    opt = ours.AdamW(model.parameters(), lr=1e-2)
+    events: list[tuple[str, np.ndarray]] = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: events.append(("pre", flat(model))))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: events.append(("post", flat(model))))
+    before = flat(model)
+    backward(model, data)
+    opt.step()
+    after = flat(model)
+    assert [kind for kind, _ in events] == ["pre", "post"]
+    assert np.array_equal(events[0][1], before) and np.array_equal(events[1][1], after)
+    assert not np.array_equal(before, after)
+    pre.remove()
+    post.remove()
+    backward(model, data)
+    opt.step()
+    assert len(events) == 2
+
+
+@pytest.mark.parametrize(
+    "name, hparams", [("Adam", dict(lr=1e-2, weight_decay=1e-2)), ("SGD", dict(lr=0.05, momentum=0.9))]
+)
+def test_add_param_group_mid_training(torch64, name: str, hparams: dict[str, Any]) -> None:
+    data = make_data(torch.float64)
+    base = make_mlp(torch.float64)
+    models = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        opt = getattr(module, name)(model[0].parameters(), **hparams)
+        train(opt, model, data, 10)
+        opt.add_param_group({"params": list(model[2].parameters()), "lr": hparams["lr"] / 3})
+        train(opt, model, data, 20)
+        assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == hparams["lr"] / 3
+        models.append(model)
+    err = error(*models)
+    assert err <= TOL["float64"], f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("name", sorted(ours.CLASS_FOR_FACTORY))
+def test_zero_lr_step_with_zero_grads_changes_nothing(name: str) -> None:
+    """What ``torch.distributed.checkpoint``'s ``_init_optim_state`` does to create the state."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = make_mlp()
+    hparams = dict(TRAIN_HPARAMS[name])
+    if "weight_decay" in inspect.signature(ao.registry()[name].factory).parameters:
+        hparams["weight_decay"] = 0.1
+    opt = ours.CLASS_FOR_FACTORY[name](
+        [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": 1e-3}],
+        **hparams,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    _init_optim_state(opt)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q), f"{name}: a zero-lr step moved a parameter"
+        assert p.grad is None
+        assert opt.state[p], f"{name}: no state created"
+    assert [g["lr"] for g in opt.param_groups] == [hparams["lr"], 1e-3]
+    train(opt, model, make_data(), 2)  # trains normally afterwards
+    assert not np.array_equal(flat(model), flat(before))
+
+
+def test_sparse_gradients_are_refused() -> None:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    linear = nn.Linear(3, 1)
+    params = [*linear.parameters(), *embedding.parameters()]
+    opt = ours.Adam(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    linear(embedding(torch.tensor([1, 2, 4]))).sum().backward()
+    assert embedding.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)
+    assert not any(opt.state[p] for p in params if p in opt.state)
+
+
+# --------------------------------------------------------------------------- 6. GradScaler
+
+
+def test_grad_scaler_matches_torch_and_skips_non_finite_steps() -> None:
+    data = make_data()
+    base = make_mlp()
+    runs = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        opt = module.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        runs.append((model, opt, torch.amp.GradScaler("cpu", init_scale=2.0**12)))
+
+    def scaled_step(model: nn.Module, opt: Any, scaler: Any, inject: bool = False) -> Any:
+        opt.zero_grad()
+        scaler.scale(F.mse_loss(model(data[0]), data[1])).backward()
+        if inject:
+            model[2].weight.grad[0, 0] = float("inf")
+        result = scaler.step(opt)
+        scaler.update()
+        return result
+
+    for _ in range(10):
+        for run in runs:
+            scaled_step(*run)
+    assert error(runs[0][0], runs[1][0]) <= TOL["float32"]
+
+    model, opt, scaler = runs[0]
+    params, state, scale = flat(model), state_snapshot(opt), scaler.get_scale()
+    assert scaled_step(*runs[0], inject=True) is None
+    assert np.array_equal(flat(model), params), "a skipped step moved parameters"
+    assert_same_state(state_snapshot(opt), state)
+    assert scaler.get_scale() == scale * 0.5
+    scaled_step(*runs[1], inject=True)
+
+    for _ in range(5):
+        for run in runs:
+            scaled_step(*run)
+    assert error(runs[0][0], runs[1][0]) <= TOL["float32"]
+    assert int(opt.state[model[0].weight]["step"]) == 15
+
+
+# --------------------------------------------------------------------------- 7. mixed precision
+
+
+def bf16_adamw(model: nn.Module) -> Any:
+    return ours.AdamW(
+        model.parameters(), lr=1e-2, weight_decay=0.01, state_dtype="float32", compensation="kahan"
+    )
+
+
+def bf16_resume(checkpoint: dict[str, Any]) -> tuple[nn.Module, Any]:
+    model = make_mlp(torch.bfloat16, seed=7)
+    model.load_state_dict(checkpoint["model"])
+    opt = bf16_adamw(model)
+    opt.load_state_dict(checkpoint["optimizer"])  # torch casts floating state to the params' bf16 here
+    return model, opt
+
+
+def check_bf16_dtypes(model: nn.Module, opt: Any) -> None:
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == torch.float32
+        assert state["exp_avg_sq"].dtype == torch.float32
+        compensation = [v for k, v in state.items() if k not in ("step", "exp_avg", "exp_avg_sq")]
+        assert compensation and all(v.dtype == torch.bfloat16 for v in compensation)
+
+
+def test_bf16_params_keep_float32_state_across_load_state_dict() -> None:
+    data, model = make_data(torch.bfloat16), make_mlp(torch.bfloat16)
+    opt = bf16_adamw(model)
+    losses = train(opt, model, data, 20)
+    check_bf16_dtypes(model, opt)
+    model, opt = bf16_resume(roundtrip({"model": model.state_dict(), "optimizer": opt.state_dict()}))
+    losses += train(opt, model, data, 20)
+    check_bf16_dtypes(model, opt)  # the adapter stores the state as float32 again
+    final = F.mse_loss(model(data[0]), data[1]).item()
+    assert final < 0.5 * losses[0], f"bf16 AdamW: loss {losses[0]:.4f} -> {final:.4f}"
+
+
+def test_bf16_checkpoint_resumes_identically() -> None:
+    """The float32 state survives a checkpoint: the resumed run is the uninterrupted one."""
+    data = make_data(torch.bfloat16)
+    uninterrupted = make_mlp(torch.bfloat16)
+    train(bf16_adamw(uninterrupted), uninterrupted, data, 20)
+    model = make_mlp(torch.bfloat16)
+    opt = bf16_adamw(model)
+    train(opt, model, data, 10)
+    model, opt = bf16_resume(roundtrip({"model": model.state_dict(), "optimizer": opt.state_dict()}))
+    train(opt, model, data, 10)
+    err = error(model, uninterrupted)
+    assert err == 0.0, f"bf16 + float32 state: resumed run differs from the uninterrupted one by {err:.3e}"
+
+
+# --------------------------------------------------------------------------- 8. DDP and FSDP2
+
+DIST_WORLD = 2
+DIST_STEPS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_train(kind: str, wrap: Callable[[nn.Module], nn.Module], rank: int) -> list[torch.Tensor]:
+    """Train a float64 MLP on this rank's half of the batch; return the full parameters."""
+    x, y = make_data(torch.float64)
+    half = BATCH // DIST_WORLD
+    shard = slice(rank * half, (rank + 1) * half)
+    model = make_mlp(torch.float64)
+    wrapped = wrap(model)
+    module = ours if kind == "ours" else torch.optim
+    opt = module.AdamW(wrapped.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(DIST_STEPS):
+        opt.zero_grad()
+        F.mse_loss(wrapped(x[shard]), y[shard]).backward()
+        opt.step()
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()
+    ]
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0])
+    fully_shard(model[2])
+    return fully_shard(model)
+
+
+def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: ours and torch.optim's AdamW under DDP and under FSDP2."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=DIST_WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[str, Any] = {}
+    try:
+        for kind in ("ours", "torch"):
+            results[f"ddp-{kind}"] = _distributed_train(kind, DistributedDataParallel, rank)
+        try:  # torch's own optimizer first: a failure there means FSDP2 itself does not run here
+            results["fsdp-torch"] = _distributed_train("torch", _fully_shard, rank)
+        except Exception as exc:
+            results["fsdp-unavailable"] = f"{type(exc).__name__}: {exc}"
+        else:
+            try:
+                results["fsdp-ours"] = _distributed_train("ours", _fully_shard, rank)
+            except Exception as exc:
+                results["fsdp-ours-error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    out_dir = tmp_path_factory.mktemp("distributed")
+    context = mp.start_processes(
+        _distributed_worker,
+        args=(_free_port(), str(out_dir)),
+        nprocs=DIST_WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 120 s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(DIST_WORLD)]
+
+
+def single_process_adamw() -> list[torch.Tensor]:
+    model, data = make_mlp(torch.float64), make_data(torch.float64)
+    train(ours.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model, data, DIST_STEPS)
+    return list(model.parameters())
+
+
+@pytest.mark.slow
+def test_ddp_matches_torch_optim(torch64, distributed_results: list[dict[str, Any]]) -> None:
+    rank0, rank1 = distributed_results
+    for key in ("ddp-ours", "ddp-torch"):
+        for p, q in zip(rank0[key], rank1[key], strict=True):
+            assert torch.equal(p, q), f"{key}: ranks disagree"
+    err = relative_error(flat(rank0["ddp-ours"]), flat(rank0["ddp-torch"]))
+    assert err <= TOL["float64"], f"DDP: ours vs torch.optim.AdamW {err:.3e}"
+    err = relative_error(flat(rank0["ddp-ours"]), flat(single_process_adamw()))
+    assert err <= 1e-10, f"DDP over two half batches vs one process over the full batch: {err:.3e}"
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_torch_optim(torch64, distributed_results: list[dict[str, Any]]) -> None:
+    rank0, rank1 = distributed_results
+    if "fsdp-unavailable" in rank0:
+        pytest.skip(f"FSDP2 (fully_shard) does not run on CPU/gloo here: {rank0['fsdp-unavailable']}")
+    assert "fsdp-ours-error" not in rank0, f"our AdamW under FSDP2 failed: {rank0['fsdp-ours-error']}"
+    for p, q in zip(rank0["fsdp-ours"], rank1["fsdp-ours"], strict=True):
+        assert torch.equal(p, q), "FSDP2: ranks disagree"
+    err = relative_error(flat(rank0["fsdp-ours"]), flat(rank0["fsdp-torch"]))
+    assert err <= TOL["float64"], f"FSDP2: ours vs torch.optim.AdamW {err:.3e}"
+    err = relative_error(flat(rank0["fsdp-ours"]), flat(rank0["ddp-ours"]))
+    assert err <= 1e-10, f"FSDP2 vs DDP: {err:.3e}"
