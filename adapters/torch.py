@@ -42,8 +42,11 @@ from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
 from agnostic_optim.hparams import is_scheduled
 
 XP = array_api_compat.torch  # the core's namespace for torch tensors
-CHUNK_ELEMENTS = 1 << 16  # eager path: leaves are cut into flat chunks of this many elements...
-BLOCK_ELEMENTS = 1 << 17  # ...and processed in cache-sized blocks of this many elements
+# Eager path: leaves are cut into flat chunks of at most CHUNK_ELEMENTS and processed in blocks
+# of about BLOCK_ELEMENTS (benchmarks/torch_step.py: 1 << 18 for both was fastest on a 2-core CPU,
+# 35 ms vs 41 ms for 1 << 16 / 1 << 17 on ResNet-18 AdamW).
+CHUNK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 18
 
 __all__ = [
     "LAMB",

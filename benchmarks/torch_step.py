@@ -4,8 +4,8 @@ Two parameter sets: ResNet-18's (62 float32 tensors, 11.7M parameters) and a man
 set (600 tensors of 1k-10k elements). For each optimizer it times, in one process and in
 alternating order, torch.optim's for-loop, foreach and fused (where torch has it)
 implementations and ours (eager, and ``compile=True`` with ``--compile``), and prints medians
-and ratios side by side plus the peak extra memory of a step (tracemalloc-free: measured with
-torch's CPU allocator profiler when available, else RSS growth).
+and ratios side by side plus the peak memory of a step's temporaries (replayed from the torch
+profiler's allocation and free events).
 
     python benchmarks/torch_step.py                 # eager only (quick)
     python benchmarks/torch_step.py --compile       # adds the torch.compile path (slow to compile)
@@ -18,7 +18,7 @@ import gc
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -72,16 +72,30 @@ def build(make: Callable, shapes: list[tuple[int, ...]], **kwargs) -> torch.opti
 
 
 def peak_step_memory(opt: torch.optim.Optimizer) -> float:
-    """Peak bytes allocated above the steady state during one step (MiB), via the profiler."""
+    """Peak bytes held by a step's temporaries (MiB), from the profiler's allocation events.
+
+    Allocations and frees are replayed in time order and the running total's maximum is kept
+    (``cpu_memory_usage`` of ``prof.events()`` counts allocations only, nesting included, so it
+    is not a peak; the resident-set high-water mark misses memory the allocator reuses).
+    """
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+
+    def walk(nodes: list) -> Iterator:
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    tree = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (e for e in walk(tree) if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns
+    )
     current = peak = 0
-    for event in events:
-        current += event.cpu_memory_usage
+    for event in allocations:
+        current += event.extra_fields.alloc_size
         peak = max(peak, current)
     return peak / 2**20
 
