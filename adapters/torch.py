@@ -69,6 +69,9 @@ _TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 _PRECISION_OPTIONS = ("state_dtype", "compensation")
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class _ForeachBatching:
     """Packs same-dtype, same-device leaves into a TensorList (see :func:`engine.apply_rule`)."""
 
@@ -84,6 +87,14 @@ class _ForeachBatching:
     @staticmethod
     def unpack(packed: TensorList) -> list[torch.Tensor]:
         return packed.tensors
+
+    @staticmethod
+    def store(destinations: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        if all(type(d) in _PLAIN_TENSORS for d in destinations):
+            torch._foreach_copy_(destinations, values)
+            return
+        for destination, value in zip(destinations, values):  # tensor subclasses (FSDP's DTensor)
+            destination.copy_(value)
 
 
 def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
@@ -238,7 +249,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._step_subset(group, opt.rule, subset)
             if not self._keeps_step(opt.rule):
                 for p in params:
-                    self.state[p].pop("step")
+                    self.state[p].pop("step", None)
         return loss
 
     def _keeps_step(self, rule: engine.Rule) -> bool:
@@ -296,8 +307,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 in_place=True,
             )
             new_buffers = buffers
+        _increment_steps(states)
         for i, s in enumerate(states):
-            s["step"] = torch.as_tensor(float(_step_count(s) + 1), dtype=torch.get_default_dtype())
             for name in names:
                 s[name] = new_buffers[name][i]
             for k, v in step.running.items():
@@ -382,6 +393,18 @@ def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor
     else:
         want = precision.storage_dtype(torch, p)
     return buffer if buffer.dtype == want else buffer.to(want)
+
+
+def _increment_steps(states: list[dict[str, Any]]) -> None:
+    """``step += 1`` in every state, in place as torch.optim does (one batched add)."""
+    states = [s for s in states if "step" in s]  # torch.optim.SGD's state has none
+    steps = [s["step"] for s in states]
+    if all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in steps):
+        if steps:
+            torch._foreach_add_(steps, 1)
+        return
+    for s in states:  # an older checkpoint's step: a number or an integer tensor
+        s["step"] = torch.tensor(_step_count(s) + 1.0, dtype=torch.get_default_dtype())
 
 
 def _step_count(state: dict[str, Any]) -> int:

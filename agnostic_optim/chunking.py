@@ -11,6 +11,7 @@ bitwise those of the unchunked step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 Array = Any
@@ -29,8 +30,9 @@ def chunk_views(
     out_grads: list[Array] = []
     out_buffers: dict[str, list[Array]] = {name: [] for name in buffers}
     for i, (param, grad) in enumerate(zip(params, grads)):
-        flats = flat_views(xp, [param, *(leaves[i] for leaves in buffers.values())]) if size > 0 else None
-        if flats is None or flats[0].shape[0] <= size:
+        small = size <= 0 or math.prod(param.shape) <= size
+        flats = None if small else flat_views(xp, [param, *(leaves[i] for leaves in buffers.values())])
+        if flats is None:
             out_params.append(param)
             out_grads.append(grad)
             for name, leaves in buffers.items():

@@ -234,6 +234,9 @@ class Batching(Protocol):
 
     def unpack(self, packed: Any) -> list[Array]: ...
 
+    # Optional: ``store(destinations, values)`` writes each value into its destination in one
+    # batched operation; in-place steps use it instead of a ``destination[...] = value`` per leaf.
+
 
 def _leaf_groups(
     params: list[Array],
@@ -251,7 +254,7 @@ def _leaf_groups(
     for i, p in enumerate(params):
         key = (
             p.dtype,
-            _backend.device_of(p),
+            getattr(p, "device", None) or _backend.device_of(p),
             tuple(leaves[i].dtype for leaves in buffers.values()),
             None if flags is None else flags[i],
         )
@@ -404,7 +407,17 @@ def update_leaves(
             results[name] = unpack(_backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype))
         if extra_name:
             results[extra_name] = unpack(extra)
+        store_all = getattr(batching, "store", None) if in_place else None
+        if store_all is not None:  # one batched copy per operand
+            store_all([param_leaves[i] for i in group], results[""])
+            for name in names:
+                store_all([buffer_leaves[name][i] for i in group], results[name])
         for position, i in enumerate(group):
+            if store_all is not None:
+                outputs[i] = param_leaves[i]
+                for name in names:
+                    new_buffers[name][i] = buffer_leaves[name][i]
+                continue
             outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
             for name in names:
                 new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)

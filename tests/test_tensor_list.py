@@ -1,0 +1,120 @@
+"""The torch adapter's TensorList: array-API arithmetic over a list of tensors, with products
+absorbed into torch's fused multiply-add foreach kernels (``_foreach_add(alpha=)``,
+``_foreach_addcmul``, ``_foreach_addcdiv``) -- same values as the per-tensor expression up to
+the rounding a fused kernel saves."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from agnostic_optim.adapters._tensor_list import TensorList
+
+SHAPES = [(5, 3), (7,), (), (2, 2, 2)]
+
+
+@pytest.fixture
+def lists() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    make = lambda: [torch.randn(s, generator=gen) for s in SHAPES]  # noqa: E731
+    return make(), make(), [t.abs() + 0.5 for t in make()]
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts the foreach kernels TensorList launches."""
+    counter: Counter = Counter()
+    for name in dir(torch):
+        if name.startswith("_foreach_"):
+            original = getattr(torch, name)
+
+            def counted(*args, __name=name, __original=original, **kwargs):
+                counter[__name] += 1
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, counted)
+    return counter
+
+
+def close(actual: TensorList, expected: list[torch.Tensor], ulps: float = 4) -> None:
+    for a, e in zip(actual.tensors, expected, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        tolerance = ulps * torch.finfo(e.dtype).eps * (e.abs() + 1)
+        assert torch.all((a - e).abs() <= tolerance), f"max diff {(a - e).abs().max():.3e}"
+
+
+def test_moving_average_runs_as_multiply_then_fused_add(lists, calls) -> None:
+    m, g, _ = lists
+    b1, omb1 = torch.tensor(0.9), torch.tensor(0.1)
+    out = TensorList(m) * b1 + TensorList(g) * omb1
+    close(out, [x * b1 + y * omb1 for x, y in zip(m, g)])
+    assert calls == Counter({"_foreach_mul": 1, "_foreach_add_": 1})
+
+
+def test_square_average_uses_addcmul(lists, calls) -> None:
+    v, g, _ = lists
+    out = TensorList(v) * 0.999 + TensorList(g) * TensorList(g) * 0.001
+    close(out, [x * 0.999 + y * y * 0.001 for x, y in zip(v, g)])
+    assert calls == Counter({"_foreach_mul": 1, "_foreach_addcmul_": 1})
+
+
+def test_adam_step_uses_addcdiv(lists, calls) -> None:
+    p, m, d = lists
+    out = TensorList(p) - TensorList(m) / TensorList(d) * torch.tensor(1e-3)
+    close(out, [x - y / z * 1e-3 for x, y, z in zip(p, m, d)])
+    assert calls == Counter({"_foreach_addcdiv": 1})
+
+
+def test_plain_minus_scaled_is_one_kernel(lists, calls) -> None:
+    p, b, _ = lists
+    out = TensorList(p) - TensorList(b) * 0.1
+    close(out, [x - y * 0.1 for x, y in zip(p, b)])
+    assert calls == Counter({"_foreach_add": 1})
+
+
+def test_inputs_are_not_modified(lists) -> None:
+    p, m, d = lists
+    before = [[t.clone() for t in group] for group in lists]
+    _ = TensorList(p) * 0.5 + TensorList(m) * TensorList(d) * 2.0
+    _ = TensorList(p) * 0.5 - TensorList(m) / TensorList(d) * 2.0
+    for group, saved in zip(lists, before):
+        for t, s in zip(group, saved):
+            assert torch.equal(t, s)
+
+
+def test_pending_products_round_like_the_expression(lists) -> None:
+    """A product that is not absorbed is evaluated with the expression's own roundings: bitwise."""
+    x, y, z = lists
+    s, t = torch.tensor(0.3), torch.tensor(1.7)
+    cases = {
+        "chained scales": (TensorList(x) * s * t, [a * s * t for a in x]),
+        "scaled product": (TensorList(x) * TensorList(y) * s, [a * b * s for a, b in zip(x, y)]),
+        "scaled quotient": (TensorList(x) / TensorList(z) * s, [a / c * s for a, c in zip(x, z)]),
+        "sqrt of scaled": (
+            TensorList.__array_namespace__(None).sqrt(TensorList(z) * s),
+            [(c * s).sqrt() for c in z],
+        ),
+    }
+    for name, (actual, expected) in cases.items():
+        for a, e in zip(actual.tensors, expected):
+            assert torch.equal(a, e), name
+
+
+def test_a_pending_value_used_twice_is_computed_once_and_consistently(lists, calls) -> None:
+    x, y, _ = lists
+    scaled = TensorList(x) * 0.5
+    first = scaled + TensorList(y)
+    second = scaled * 3.0
+    close(first, [a * 0.5 + b for a, b in zip(x, y)])
+    close(second, [a * 0.5 * 3.0 for a in x], ulps=0)
+    assert calls["_foreach_mul"] == 2  # scaled materialised for ``second``, then * 3
+
+
+def test_integer_and_tensorlist_scales_are_not_absorbed(lists) -> None:
+    x, y, _ = lists
+    counts = TensorList([torch.arange(4)]) * 2
+    assert counts.dtype == torch.int64 and torch.equal(counts.tensors[0], torch.arange(4) * 2)
+    per_leaf = TensorList([torch.tensor(2.0) for _ in x])  # 0-d per-leaf scales (trust ratios)
+    close(TensorList(y) + TensorList(x) * per_leaf, [b + a * 2.0 for a, b in zip(x, y)])
