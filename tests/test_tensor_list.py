@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from agnostic_optim.adapters._tensor_list import TensorList
+from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
 
 SHAPES = [(5, 3), (7,), (), (2, 2, 2)]
 
@@ -93,7 +93,7 @@ def test_pending_products_round_like_the_expression(lists) -> None:
         "scaled product": (TensorList(x) * TensorList(y) * s, [a * b * s for a, b in zip(x, y)]),
         "scaled quotient": (TensorList(x) / TensorList(z) * s, [a / c * s for a, c in zip(x, z)]),
         "sqrt of scaled": (
-            TensorList.__array_namespace__(None).sqrt(TensorList(z) * s),
+            NAMESPACE.sqrt(TensorList(z) * s),
             [(c * s).sqrt() for c in z],
         ),
     }
