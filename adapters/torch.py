@@ -168,6 +168,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{self._factory.__name__} got unexpected hyperparameters {sorted(unknown)}")
         defaults.update(state_dtype=None, compensation=None)
         defaults.update(hparams)
+        # Arguments whose default depends on the convention get their value now, so that every
+        # group holds numbers (as torch.optim's groups do).
+        optax_form = defaults.get("convention") == "optax"
+        for name, (torch_default, optax_default) in getattr(self._factory, "convention_defaults", {}).items():
+            if defaults[name] is None:
+                defaults[name] = optax_default if optax_form else torch_default
         self._compile = compile
         self._rules: dict[tuple, ao.Optimizer] = {}
         self._compiled: dict[int, Callable[..., Any]] = {}
@@ -389,9 +395,9 @@ def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor
     if name == precision.extra_buffer and precision.compensation == "kahan":
         want = p.dtype
     elif name == precision.extra_buffer:
-        want = precision.compute_dtype(torch, p)
+        want = precision.compute_dtype(XP, p)
     else:
-        want = precision.storage_dtype(torch, p)
+        want = precision.storage_dtype(XP, p)
     return buffer if buffer.dtype == want else buffer.to(want)
 
 

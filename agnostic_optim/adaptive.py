@@ -10,19 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from agnostic_optim import blocks, engine
-from agnostic_optim.hparams import Convention, HParam, check_betas, check_convention, check_range, is_nonzero
+from agnostic_optim.hparams import (
+    Convention,
+    HParam,
+    check_betas,
+    check_convention,
+    check_range,
+    convention_defaults,
+    is_nonzero,
+)
 from agnostic_optim.registry import register
 
 # ----------------------------------------------------------------------------- Adagrad
 
 
 @register("adaptive")
+@convention_defaults(initial_accumulator_value=(0.0, 0.1), eps=(1e-10, 1e-7))
 def adagrad(
     lr: HParam = 1e-2,
     lr_decay: HParam = 0.0,
     weight_decay: HParam = 0.0,
-    initial_accumulator_value: float = 0.0,
-    eps: HParam = 1e-10,
+    initial_accumulator_value: float | None = None,
+    eps: HParam | None = None,
     maximize: bool = False,
     convention: Convention = "torch",
 ) -> engine.Optimizer:
@@ -35,8 +44,10 @@ def adagrad(
         θ  <- θ - lr / (1 + (t - 1) lr_decay) · g / (√s_t + ε)
 
     ``convention="optax"`` puts ε inside the root and zeroes coordinates whose sum is 0, as
-    ``optax.adagrad`` does: ``θ <- θ - lr · where(s_t > 0, g / √(s_t + ε), 0)``. optax's
-    defaults are ``initial_accumulator_value=0.1, eps=1e-7`` (pass them to reproduce it).
+    ``optax.adagrad`` does: ``θ <- θ - lr · where(s_t > 0, g / √(s_t + ε), 0)``.
+
+    Defaults left ``None`` follow the convention: ``initial_accumulator_value`` 0 (torch) or
+    0.1 (optax), ``eps`` 1e-10 (torch) or 1e-7 (optax).
     """
     check_convention(convention)
     check_range("learning rate", lr)
@@ -84,9 +95,10 @@ def adagrad(
 
 
 @register("adaptive")
+@convention_defaults(alpha=(0.99, 0.9))
 def rmsprop(
     lr: HParam = 1e-2,
-    alpha: HParam = 0.99,
+    alpha: HParam | None = None,
     eps: HParam = 1e-8,
     weight_decay: HParam = 0.0,
     momentum: HParam = 0.0,
@@ -105,8 +117,12 @@ def rmsprop(
         b_t =  μ b_{t-1} + g / r;  θ <- θ - lr b_t     (μ > 0)
         θ  <-  θ - lr g / r                            (μ = 0)
 
-    ``convention="optax"`` puts ε inside the root, ``r = √(v_t + ε)`` (centered:
-    ``√(v_t - m_t² + ε)``), as ``optax.rmsprop`` does; optax's default decay is ``alpha=0.9``.
+    ``convention="optax"`` follows ``optax.rmsprop``: ε inside the root, ``r = √(v_t + ε)``
+    (centered: ``√(v_t - m_t² + ε)``), and with momentum the learning rate is applied before the
+    trace, ``b_t = μ b_{t-1} + lr g / r;  θ <- θ - b_t`` (the same as torch's form while lr is
+    constant, different once it changes).
+
+    ``alpha`` left ``None`` follows the convention: 0.99 (torch) or 0.9 (optax's ``decay``).
     """
     check_convention(convention)
     check_range("learning rate", lr)
@@ -138,6 +154,9 @@ def rmsprop(
             new["grad_avg"] = blocks.ema(bufs["grad_avg"], g, s.alpha, s.one_minus_alpha)
             second = second - new["grad_avg"] * new["grad_avg"]
         rms = xp.sqrt(second + s.eps) if optax_form else xp.sqrt(second) + s.eps
+        if use_momentum and optax_form:
+            new["momentum_buffer"] = bufs["momentum_buffer"] * s.momentum + (g / rms) * s.lr
+            return new, p - new["momentum_buffer"]
         if use_momentum:
             new["momentum_buffer"] = bufs["momentum_buffer"] * s.momentum + g / rms
             return new, p - new["momentum_buffer"] * s.lr

@@ -11,6 +11,8 @@ recomputed from the step count at every step.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -53,6 +55,31 @@ def is_nonzero(value: Any) -> bool:
 def check_convention(convention: str) -> None:
     if convention not in ("torch", "optax"):
         raise ValueError(f"Invalid convention: {convention!r} (expected 'torch' or 'optax')")
+
+
+def convention_defaults(**table: tuple[Any, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Factory decorator: each named argument left ``None`` takes its ``(torch, optax)`` default
+    according to the factory's ``convention`` argument, so ``convention="optax"`` alone gives
+    optax's defaults. The table is kept as ``factory.convention_defaults`` for adapters."""
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(factory)
+
+        @functools.wraps(factory)
+        def resolved(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            check_convention(bound.arguments["convention"])
+            for name, (torch_default, optax_default) in table.items():
+                if bound.arguments[name] is None:
+                    optax_form = bound.arguments["convention"] == "optax"
+                    bound.arguments[name] = optax_default if optax_form else torch_default
+            return factory(*bound.args, **bound.kwargs)
+
+        resolved.convention_defaults = dict(table)
+        return resolved
+
+    return decorate
 
 
 def check_range(

@@ -52,8 +52,8 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=50, help="print the loss every N steps")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=1, help="print the losses every N steps")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -598,6 +598,29 @@ def test_import_needs_no_framework():
     assert out.stdout.strip() == "", f"import agnostic_optim loaded {out.stdout.strip()}"
 
 
+def test_import_works_with_only_numpy_and_array_api_compat():
+    """Every other third-party import is refused: the core still imports and steps."""
+    code = (
+        "import sys\n"
+        "ALLOWED = {'numpy', 'array_api_compat', 'agnostic_optim'}\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        top = name.partition('.')[0]\n"
+        "        if top in ALLOWED or top in sys.stdlib_module_names or top.startswith('_'):\n"
+        "            return None\n"
+        "        raise ImportError(f'refused: {name}')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import numpy as np, agnostic_optim as ao\n"
+        "opt = ao.chain(ao.clip_by_global_norm(1.0), ao.adamw(lr=ao.schedules.cosine_decay(0.1, 10)))\n"
+        "params = {'w': np.ones((2, 3)), 'b': np.zeros(3)}\n"
+        "state, new = opt.step(opt.init(params), {'w': np.ones((2, 3)), 'b': np.ones(3)}, params)\n"
+        "print(float(new['w'][0, 0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1.0
+
+
 def test_registry_lists_the_core_optimizers():
     required = {"sgd", "adagrad", "rmsprop", "adam", "adamw", "amsgrad", "radam", "nadam", "adan", "lion"}
     assert required <= set(REGISTRY)

@@ -199,3 +199,29 @@ def test_lion_matches_official(backend, options):
     reference = lion_reference(params, grads, **hp)
     ours = run_functional(ao.lion(**hp), backend, params, grads)
     assert_trajectories_close(ours, reference, TOL)
+
+
+# The official code's defaults: sail-sg/Adan ``Adan(params, lr=1e-3, betas=(0.98, 0.92, 0.99),
+# eps=1e-8, weight_decay=0.0, max_grad_norm=0.0, no_prox=False)`` and google/automl's
+# ``Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)``.
+OFFICIAL_DEFAULTS = {
+    "adan": {
+        "lr": 1e-3,
+        "betas": (0.98, 0.92, 0.99),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "no_prox": False,
+        "max_grad_norm": 0.0,
+    },
+    "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_DEFAULTS))
+def test_defaults_are_the_official_codes(name):
+    """``ao.adan()`` / ``ao.lion()`` with no arguments take the official code's steps."""
+    reference_fn = {"adan": adan_reference, "lion": lion_reference}[name]
+    params, grads = problem(seed=2)
+    reference = reference_fn(params, grads, **OFFICIAL_DEFAULTS[name])
+    ours = run_functional(getattr(ao, name)(), get_backend("numpy"), params, grads)
+    assert_trajectories_close(ours, reference, TOL)

@@ -26,6 +26,7 @@ from helpers import LEAF_SHAPES, assert_trajectories_close, random_gradient_stre
 STEPS = 32
 TOL = 1e-12
 B1, B2 = 0.8, 0.95
+B2_ON_THRESHOLD = 0.8397685748659791  # RAdam's rho_6 == 5.0 exactly (float64)
 NAMES = ("scalar", "vector", "matrix", "conv")  # one name per leaf of LEAF_SHAPES
 
 
@@ -128,6 +129,30 @@ CASES = [
         lambda: ao.adam(lr=0.05, betas=(B1, B2), eps=1e-6, eps_root=1e-3, amsgrad=True, convention="optax"),
         lambda optax: optax.amsgrad(0.05, b1=B1, b2=B2, eps=1e-6, eps_root=1e-3),
     ),
+    # --- convention="optax" alone gives optax's defaults.
+    _case(
+        "rmsprop-optax-defaults", lambda: ao.rmsprop(convention="optax"), lambda optax: optax.rmsprop(0.01)
+    ),
+    _case(
+        "adagrad-optax-defaults",
+        lambda: ao.adagrad(lr=0.1, convention="optax"),
+        lambda optax: optax.adagrad(0.1),
+    ),
+    # optax applies the learning rate before the momentum trace: differs from torch's form
+    # once lr changes, so a decaying schedule tells them apart (halving every 4 steps from 2^-6:
+    # exact even in the float32 that optax's schedules return).
+    _case(
+        "rmsprop-momentum-scheduled-lr",
+        lambda: ao.rmsprop(
+            lr=ao.schedules.exponential_decay(2**-6, 4, 0.5, staircase=True),
+            momentum=0.8,
+            eps=1e-3,
+            convention="optax",
+        ),
+        lambda optax: optax.rmsprop(
+            optax.exponential_decay(2**-6, 4, 0.5, staircase=True), momentum=0.8, eps=1e-3
+        ),
+    ),
     # --- RMSProp: eps inside the root (optax's default eps_in_sqrt=True).
     _case(
         "rmsprop",
@@ -189,6 +214,13 @@ CASES = [
         "radam-betas",
         lambda: ao.radam(lr=0.05, betas=(B1, B2), eps=1e-4, eps_root=1e-2, convention="optax"),
         lambda optax: optax.radam(0.05, b1=B1, b2=B2, eps=1e-4, eps_root=1e-2),
+    ),
+    # b2 chosen so that rho_6 is exactly 5.0 in float64 (checked in test_radam_hits_threshold):
+    # optax rectifies that step (rho_t >= 5), torch does not (rho_t > 5).
+    _case(
+        "radam-on-threshold",
+        lambda: ao.radam(lr=0.05, betas=(0.9, B2_ON_THRESHOLD), eps=1e-6, convention="optax"),
+        lambda optax: optax.radam(0.05, b1=0.9, b2=B2_ON_THRESHOLD, eps=1e-6),
     ),
     # --- NAdam: optax.nadam is scale_by_adam(nesterov=True).
     _case(
@@ -260,6 +292,16 @@ def test_clip_problem_clips_some_steps_only():
     _, grads = problem()
     norms = [np.sqrt(sum(float(np.sum(g**2)) for g in step.values())) for step in grads]
     assert any(n > 7.0 for n in norms) and any(n < 7.0 for n in norms), norms
+
+
+def test_radam_hits_threshold():
+    """With B2_ON_THRESHOLD, step 6 sits exactly on rho_t = 5 (optax's expression, float64), so
+    the radam-on-threshold case tells ``>=`` (optax) from ``>`` (torch)."""
+    b2 = np.float64(B2_ON_THRESHOLD)
+    ro_inf = 2.0 / (1.0 - b2) - 1.0
+    t = np.float64(6)
+    b2t = b2**t
+    assert ro_inf - 2.0 * t * b2t / (1.0 - b2t) == 5.0
 
 
 @pytest.mark.parametrize("b2", [0.999, B2])

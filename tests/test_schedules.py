@@ -229,6 +229,29 @@ def test_linear_matches_torch_linear_lr(torch64, base, start_factor, end_factor,
     assert_values_close(ours, reference)
 
 
+def test_join_matches_torch_sequential_lr(torch64):
+    """``join`` is ``SequentialLR``: each scheduler restarts its own count at its milestone."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LinearLR, SequentialLR
+
+    base, n = 0.1, 19  # to the end of the cosine (CosineAnnealingLR rises again after T_max)
+
+    def make(o):
+        parts = [LinearLR(o, 0.1, 1.0, 5), ExponentialLR(o, 0.8), CosineAnnealingLR(o, 6, eta_min=0.01)]
+        return SequentialLR(o, parts, milestones=[5, 12])
+
+    reference = torch_values(torch64, make, base, n)
+    ours = sch.join(
+        [
+            sch.linear(0.1 * base, base, 5),
+            sch.exponential_decay(base, 1, 0.8),
+            sch.cosine_decay(base, 6, alpha=0.01 / base),
+        ],
+        [5, 12],
+    )
+    assert_not_constant(reference)
+    assert_values_close(ours_values(ours, range(n)), reference)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("t_max", [7, 20])
 def test_cosine_decay_matches_torch_cosine_annealing(torch64, alpha, t_max):

@@ -864,6 +864,29 @@ def test_bf16_checkpoint_resumes_identically() -> None:
     assert err == 0.0, f"bf16 + float32 state: resumed run differs from the uninterrupted one by {err:.3e}"
 
 
+@pytest.mark.parametrize("name", ["AdamW", "LAMB"])
+def test_bf16_training_through_the_adapter_tracks_float32_only_with_compensation(name: str) -> None:
+    """Issue 3 through the adapter's batched eager path: a bf16 MLP ends within 2% of the float32
+    run's loss with Kahan or master compensation (float32 state), and clearly worse without."""
+    hparams = dict(lr=1e-3, weight_decay=0.01)
+    data32, data16 = make_data(torch.float32), make_data(torch.bfloat16)
+
+    def final_loss(dtype: torch.dtype, **precision: Any) -> float:
+        model = make_mlp(dtype)
+        opt = getattr(ours, name)(model.parameters(), **hparams, **precision)
+        train(opt, model, data16 if dtype == torch.bfloat16 else data32, 300)
+        return F.mse_loss(model.float()(data32[0]), data32[1]).item()
+
+    reference = final_loss(torch.float32)
+    for compensation in ("kahan", "master"):
+        loss = final_loss(torch.bfloat16, state_dtype="float32", compensation=compensation)
+        assert abs(loss - reference) <= 0.02 * reference, (
+            f"{name} {compensation}: {loss:.5f} vs {reference:.5f}"
+        )
+    plain = final_loss(torch.bfloat16, state_dtype="float32")
+    assert plain > 1.05 * reference, f"{name} without compensation: {plain:.5f} vs {reference:.5f}"
+
+
 # --------------------------------------------------------------------------- 8. DDP and FSDP2
 
 DIST_WORLD = 2
