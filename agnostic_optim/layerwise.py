@@ -19,21 +19,29 @@ from agnostic_optim.adaptive import (
     check_adam_hparams,
 )
 from agnostic_optim.first_order import heavy_ball, momentum_prepare
-from agnostic_optim.hparams import Convention, HParam, check_convention, check_range, is_nonzero
+from agnostic_optim.hparams import (
+    Convention,
+    HParam,
+    check_convention,
+    check_range,
+    convention_defaults,
+    is_nonzero,
+)
 from agnostic_optim.registry import register
 
 Mask = Any
 
 
 @register("large-batch / layer-wise")
+@convention_defaults(momentum=(0.0, 0.9), eps=(1e-8, 0.0))
 def lars(
     lr: HParam = 1.0,
-    momentum: HParam = 0.0,
+    momentum: HParam | None = None,
     dampening: HParam = 0.0,
     weight_decay: HParam = 0.0,
     nesterov: bool = False,
     trust_coefficient: HParam = 0.001,
-    eps: HParam = 1e-8,
+    eps: HParam | None = None,
     trust_clip: bool = False,
     always_adapt: bool = False,
     maximize: bool = False,
@@ -50,9 +58,10 @@ def lars(
         b_t = μ b_{t-1} + (1 - τ) g  (b_1 = g);   d = g + μ b_t if nesterov else b_t
         θ  <- θ - lr d
 
-    ``convention="optax"`` reproduces ``optax.lars`` (pass its defaults ``momentum=0.9,
-    eps=0``): the ratio is always applied, uses the norm of the decayed gradient, and momentum
-    accumulates steps that already include the learning rate::
+    ``convention="optax"`` reproduces ``optax.lars``, whose defaults ``momentum=0.9, eps=0``
+    it takes for arguments left ``None`` (timm's are 0 and 1e-8): the ratio is always applied,
+    uses the norm of the decayed gradient, and momentum accumulates steps that already include
+    the learning rate::
 
         u = g + λ θ;   u <- u · η ‖θ‖ / (‖u‖ + ε);   b_t = μ b_{t-1} + lr u;   θ <- θ - b_t
         (nesterov: θ <- θ - (lr u + μ b_t))
@@ -143,8 +152,10 @@ def lamb(
         r    = ‖θ‖ / ‖u‖   (1 if either norm is 0; min(r, 1) with trust_clip)
         θ   <- θ - lr · r · u          (r only when λ != 0 or always_adapt)
 
-    The defaults reproduce ``optax.lamb``; ``max_grad_norm=1.0, always_adapt=False`` reproduce
-    NVIDIA's FusedLAMB as ``timm.optim.Lamb`` implements it. ``eps_root`` adds ε_root inside the
+    The defaults reproduce ``optax.lamb``; ``max_grad_norm=1.0, always_adapt=False,
+    weight_decay=0.01`` reproduce ``timm.optim.Lamb``'s defaults (NVIDIA's FusedLAMB). With
+    ``mask=`` (or inside ``ao.masked``) the global norm of ``max_grad_norm`` is taken over the
+    selected leaves only. ``eps_root`` adds ε_root inside the
     root, ``√(v_t / (1 - β2^t) + ε_root)``, as optax's ``eps_root``.
     """
     check_adam_hparams(lr, betas, eps, weight_decay, eps_root)

@@ -13,6 +13,15 @@ Three per-optimizer choices, made with :func:`agnostic_optim.mixed_precision`:
 
 Arithmetic always runs in the *compute dtype*: float32 for 16-bit params and state, the wider
 float otherwise, so hyperparameters are never rounded to 16 bits (optax issue #1414).
+
+Why Kahan is the recommendation: with bf16 params and float32 state it stores 10 bytes per
+parameter for AdamW (param 2, moments 8) where master weights store 12, and in our tests
+(bf16 MLP, 300 steps, SGD-momentum/AdamW/Lion/LAMB on torch and JAX) both end within 0.5% of the
+float32 run's loss while uncompensated bf16 ends 30-360% worse. The compensation buffer is
+itself bf16, so it holds the lost low-order bits only approximately (about 16 bits of mantissa
+in total instead of float32's 24): use ``"master"`` when bitwise float32 training is required.
+Master weights without ``state_dtype`` keep the moments in the param's 16-bit dtype: pass
+``state_dtype="float32"`` with them. No compensation is the default (``compensation=None``).
 """
 
 from __future__ import annotations

@@ -367,11 +367,10 @@ LARS_OPTAX_CASES = {
 
 
 def optax_form_lars(**kwargs: Any) -> ao.Optimizer:
-    """``ao.lars(convention="optax")`` with optax's defaults ``momentum=0.9, eps=0`` unless a case
-    overrides them (as ``eps_``/``momentum_``)."""
-    eps = kwargs.pop("eps_", 0.0)
-    momentum = kwargs.pop("momentum_", 0.9)
-    return ao.lars(convention="optax", momentum=momentum, eps=eps, **kwargs)
+    """``ao.lars(convention="optax")``: left out, momentum and eps take optax's defaults (0.9, 0)
+    from the convention; a case may override them (as ``eps_``/``momentum_``)."""
+    overrides = {name: kwargs.pop(name + "_") for name in ("eps", "momentum") if name + "_" in kwargs}
+    return ao.lars(convention="optax", **overrides, **kwargs)
 
 
 @pytest.mark.parametrize("case", sorted(LARS_OPTAX_CASES))
