@@ -1,14 +1,20 @@
-"""``python -m agnostic_optim.conformance``: run the matrix and print it (see the package docs)."""
+"""``python -m agnostic_optim.conformance``: run the matrix and print it (see the package docs).
+
+Each failed cell prints one ``FAIL:`` line naming optimizer, backend, dtype and the earliest step
+of divergence; ``--verbose`` adds one line per failed comparison (always in ``--json``). The
+progress bar needs tqdm (the test/bench extras); without it the run simply shows none.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 import agnostic_optim as ao
 from agnostic_optim.conformance.backends import BACKEND_NAMES, get_backend
-from agnostic_optim.conformance.cases import missing_cases
+from agnostic_optim.conformance.cases import missing_cases, missing_inputs
 from agnostic_optim.conformance.runner import DEFAULT_STEPS, CellResult, run_cell
 
 DTYPES = ("float64", "float32")
@@ -52,6 +58,15 @@ def text_table(results: list[CellResult]) -> str:
     return "\n".join(lines)
 
 
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr, or None when tqdm is not installed (it is only in the extras)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="conformance", unit="cell", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     names = list(ao.registry())
     parser = argparse.ArgumentParser(prog="python -m agnostic_optim.conformance", description=__doc__)
@@ -63,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the full results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table (for the README)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print every failed comparison, not only one line per cell"
+    )
     args = parser.parse_args(argv)
 
     backends = _split(args.backends, BACKEND_NAMES, "backends")
@@ -73,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     for name in missing_cases():
         problems.append(f"{name} is registered but has no conformance case")
+    for item in missing_inputs():
+        problems.append(f"{item} is a registered step input that no conformance case generates")
     for name in required:
         backend = get_backend(name)
         if not backend.available:
@@ -80,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cells = [(o, b, d) for o in optimizers for b in backends for d in dtypes]
     results: list[CellResult] = []
-    progress = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(cells), desc="conformance", unit="cell", file=sys.stderr)
+    progress = None if args.quiet else _progress_bar(len(cells))
     for optimizer, backend, dtype in cells:
         if progress is not None:
             progress.set_postfix_str(f"{optimizer} {backend} {dtype}")
@@ -101,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     notes = sorted({n for r in results for n in r.notes if r.status != "skip"})
     for note in notes:
         print(f"note: {note}")
-    failures = [f for r in results for f in r.failures]
-    for line in problems + failures:
+    failed = [r for r in results if r.status == "fail"]
+    for line in problems + [r.summary() for r in failed]:
         print(f"FAIL: {line}")
+    if args.verbose:
+        for line in (f for r in failed for f in r.failures):
+            print(f"  detail: {line}")
     passed = sum(r.status == "pass" for r in results)
     print(
         f"{passed} passed, {sum(r.status == 'fail' for r in results)} failed, "
@@ -116,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 handle,
                 indent=2,
             )
-    return 1 if failures or problems else 0
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

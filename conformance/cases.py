@@ -1,9 +1,15 @@
 """The conformance cases: for every registered optimizer, configurations and their references.
 
 Every name in ``ao.registry()`` must have at least one case here (``missing_cases`` says which
-do not, and the suite fails on them). Each case fixes the factory's keyword arguments, the
-extra step inputs it needs (generated on the host, identical for every backend) and, where one
-exists, the external reference that must produce the same trajectory.
+do not, and the suite fails on them), and the cases of an optimizer must between them declare
+every extra step input the registry lists for it (``missing_inputs``). Each case fixes the
+factory's keyword arguments, the extra step inputs it needs (generated on the host from a fixed
+seed by :func:`agnostic_optim.conformance.runner.host_inputs`, identical for every backend) and,
+where one exists, the external reference that must produce the same trajectory.
+
+Tolerances come from the policy in the package docstring. A case may override them with
+``tolerance`` (dtype -> tolerance), which must carry a justification string in
+``tolerance_reason`` (a case without one is refused when it is built); no current case needs it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 import agnostic_optim as ao
 from agnostic_optim.conformance.references import (
@@ -22,6 +30,22 @@ from agnostic_optim.conformance.references import (
     torch_optim,
 )
 
+InputGenerator = Callable[[np.random.Generator, list[tuple[int, ...]], int], "list[np.ndarray] | None"]
+
+
+def like_params(scale: float = 1.0, positive: bool = False, every: int = 1) -> InputGenerator:
+    """An input generator: standard-normal host arrays shaped like the params, times ``scale``
+    (absolute values when ``positive``, e.g. a Hessian-diagonal estimate), on every ``every``-th
+    step and None on the others (as AdaHessian/Sophia get a new estimate only every k steps)."""
+
+    def generate(rng: np.random.Generator, shapes: list[tuple[int, ...]], step: int) -> Any:
+        values = [rng.standard_normal(shape) * scale for shape in shapes]  # drawn every step: a fixed stream
+        if step % every:
+            return None
+        return [np.abs(v) for v in values] if positive else values
+
+    return generate
+
 
 @dataclass(frozen=True)
 class Case:
@@ -32,14 +56,25 @@ class Case:
       label: a unique, readable id (``adam-optax-eps-root``).
       kwargs: the factory's keyword arguments.
       reference: the external implementation it must match (None: cross-backend only).
-      inputs: extra step inputs -> a function ``(backend, params, step, dtype) -> value``.
+      inputs: extra step inputs (``hessian_diag``...) -> a host generator
+        ``(rng, shapes, step) -> list of NumPy float64 arrays shaped like the params, or None``
+        (see :func:`like_params`). The runner calls it with a generator seeded from the case and
+        problem, so every backend and entry point gets identical values, cast to the run's dtype.
+      tolerance: per-dtype overrides of the policy's tolerance (``{"float32": 3e-5}``).
+      tolerance_reason: why the override is needed; required with ``tolerance``.
     """
 
     optimizer: str
     label: str
     kwargs: dict[str, Any]
     reference: Reference | None = None
-    inputs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    inputs: dict[str, InputGenerator] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    tolerance_reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tolerance and not self.tolerance_reason.strip():
+            raise ValueError(f"case {self.label}: a tolerance override must carry a tolerance_reason")
 
     def build(self) -> ao.Optimizer:
         return ao.registry()[self.optimizer].factory(**self.kwargs)
@@ -55,6 +90,8 @@ CASES: list[Case] = [
           weight_decay=1e-3), lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
     _case("sgd", "nesterov", torch_optim("SGD", lr=0.05, momentum=0.9, nesterov=True),
           lr=0.05, momentum=0.9, nesterov=True),
+    _case("sgd", "maximize", torch_optim("SGD", lr=0.02, momentum=0.5, weight_decay=1e-3, maximize=True),
+          lr=0.02, momentum=0.5, weight_decay=1e-3, maximize=True),
     _case("sgd", "optax-nesterov", optax_transform(lambda o: o.sgd(0.05, momentum=0.9, nesterov=True), "sgd"),
           lr=0.05, momentum=0.9, nesterov=True),
     # ---- adaptive
@@ -81,6 +118,8 @@ CASES: list[Case] = [
           lr=1e-2, eps_root=1e-8, convention="optax"),
     _case("nadam", "decoupled", torch_optim("NAdam", lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
           lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    _case("nadam", "coupled-decay", torch_optim("NAdam", lr=1e-2, weight_decay=1e-2),
+          lr=1e-2, weight_decay=1e-2),
     _case("nadam", "optax", optax_transform(lambda o: o.nadam(1e-2), "nadam"), lr=1e-2, convention="optax"),
     _case("adan", "prox-clip", official_adan(lr=1e-2, weight_decay=0.02, max_grad_norm=5.0),
           lr=1e-2, weight_decay=0.02, max_grad_norm=5.0),
@@ -93,12 +132,19 @@ CASES: list[Case] = [
     _case("lars", "timm-larc",
           timm_optimizer("Lars", lr=0.1, momentum=0.9, weight_decay=1e-3, trust_clip=True),
           lr=0.1, momentum=0.9, weight_decay=1e-3, trust_clip=True),
+    _case("lars", "timm-nesterov",
+          timm_optimizer("Lars", lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+          lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
     _case("lars", "optax", optax_transform(lambda o: o.lars(0.1, weight_decay=1e-3), "lars"),
           lr=0.1, momentum=0.9, eps=0.0, weight_decay=1e-3, convention="optax"),
     _case("lamb", "optax", optax_transform(lambda o: o.lamb(1e-2, weight_decay=1e-2), "lamb"),
           lr=1e-2, weight_decay=1e-2),
     _case("lamb", "fusedlamb", timm_optimizer("Lamb", lr=1e-2, weight_decay=1e-2),
           lr=1e-2, weight_decay=1e-2, max_grad_norm=1.0, always_adapt=False),
+    _case("lamb", "timm-trust-clip-no-averaging",
+          timm_optimizer("Lamb", lr=1e-2, weight_decay=1e-2, trust_clip=True, grad_averaging=False),
+          lr=1e-2, weight_decay=1e-2, max_grad_norm=1.0, always_adapt=False, trust_clip=True,
+          grad_averaging=False),
 ]  # fmt: skip
 
 
@@ -110,3 +156,13 @@ def missing_cases() -> list[str]:
     """Registered optimizers with no conformance case (the suite fails on any)."""
     covered = {case.optimizer for case in CASES}
     return [name for name in ao.registry() if name not in covered]
+
+
+def missing_inputs() -> list[str]:
+    """``optimizer: input`` for every extra step input an optimizer declares in the registry that
+    none of its cases generates (the suite fails on any)."""
+    missing = []
+    for name, entry in ao.registry().items():
+        covered = {key for case in cases_for(name) for key in case.inputs}
+        missing += [f"{name}: {key}" for key in entry.inputs if key not in covered]
+    return missing

@@ -2,15 +2,19 @@
 
 For one cell (optimizer, backend, dtype) the runner takes each of the optimizer's cases and
 each problem, runs ``steps`` steps through the functional API and through the backend's native
-adapter (torch ``Optimizer`` class, ``as_optax``, ``ArrayOptimizer``), and compares every
-step's parameters with the NumPy float64 functional run and, in float64, with the case's
-external reference. The worst errors and the first divergence (case, problem, entry, step) are
-reported per cell.
+adapters (the named torch ``Optimizer`` class such as ``adapters.torch.SGD``; ``as_optax`` both
+eagerly and with its update under ``jax.jit``; ``ArrayOptimizer``), and compares every step's
+parameters with the NumPy float64 functional run and with the case's external reference (the
+float64 reference trajectory, at the run's dtype's tolerance). Extra step inputs a case declares
+are generated once on the host (:func:`host_inputs`) and handed to every backend identically.
+Each cell reports its worst errors, a one-line summary with the earliest divergence
+(:meth:`CellResult.summary`) and one detail line per failed comparison (``failures``).
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ from agnostic_optim.conformance.compare import max_relative_error
 from agnostic_optim.conformance.problems import Problem, all_problems
 
 Trajectory = list[list[np.ndarray]]
+HostInputs = list[dict[str, Any]]  # per step: input name -> list of host arrays like params, or None
 
 # Tolerance policy (see the package docstring): max-norm relative error per leaf and step.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -30,7 +35,11 @@ DEFAULT_STEPS = 25
 
 @dataclass
 class CellResult:
-    """The outcome of one optimizer x backend x dtype cell."""
+    """The outcome of one optimizer x backend x dtype cell.
+
+    ``failures`` holds one detail line per failed comparison; ``first_step``/``first_where`` the
+    earliest step at which any comparison diverged and which one; :meth:`summary` one line.
+    """
 
     optimizer: str
     backend: str
@@ -42,9 +51,24 @@ class CellResult:
     runs: int = 0
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    first_step: int | None = None
+    first_where: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self.__dict__, summary=self.summary())
+
+    def summary(self) -> str:
+        """One line: the cell and its status; for a failure, the earliest step of divergence."""
+        cell = f"{self.optimizer} on {self.backend} {self.dtype}"
+        if self.status != "fail":
+            return f"{cell}: {self.status}"
+        if self.first_step is None:
+            return f"{cell}: {self.failures[0] if self.failures else 'failed'}"
+        count = len(self.failures)
+        return (
+            f"{cell}: first divergence at step {self.first_step} ({self.first_where}; "
+            f"{count} failed comparison{'s' if count != 1 else ''})"
+        )
 
 
 def first_divergence(ours: Trajectory, expected: Trajectory, tolerance: float) -> tuple[float, int | None]:
@@ -58,41 +82,81 @@ def first_divergence(ours: Trajectory, expected: Trajectory, tolerance: float) -
     return worst, first
 
 
+# ----------------------------------------------------------------------------- step inputs
+
+
+def host_inputs(case: Case, problem: Problem, steps: int) -> HostInputs:
+    """The case's extra step inputs for every step, generated on the host with NumPy from a seed
+    fixed by the case and problem labels (so every backend and entry point gets the same values)."""
+    if not case.inputs:
+        return [{} for _ in range(steps)]
+    rng = np.random.default_rng(zlib.crc32(f"{case.label}/{problem.name}".encode()))
+    shapes = [np.shape(p) for p in problem.initial]
+    names = sorted(case.inputs)
+    return [{name: case.inputs[name](rng, shapes, step) for name in names} for step in range(steps)]
+
+
+def backend_inputs(backend: Backend, host: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """One step's host inputs as ``backend`` arrays in ``dtype`` (None stays None)."""
+    return {
+        name: None if value is None else [backend.asarray(v, dtype) for v in value]
+        for name, value in host.items()
+    }
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
-def run_functional(case: Case, backend: Backend, dtype: str, problem: Problem, steps: int) -> Trajectory:
+def run_functional(
+    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int, inputs: HostInputs | None = None
+) -> Trajectory:
     """``opt.init`` / ``opt.step`` on ``backend`` arrays."""
+    inputs = inputs if inputs is not None else host_inputs(case, problem, steps)
     opt = case.build()
     params = [backend.asarray(p, dtype) for p in problem.initial]
     state = opt.init(params)
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        state, params = opt.step(state, grads, params)
+        state, params = opt.step(state, grads, params, **backend_inputs(backend, inputs[step], dtype))
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
 
-def run_adapter(
-    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int
-) -> tuple[str, Trajectory] | None:
-    """The backend's native entry point: (its name, trajectory), or None where there is none."""
-    if backend.name == "torch":
-        return "torch.Optimizer", _run_torch_class(case, backend, dtype, problem, steps)
-    if backend.name == "jax":
-        return "as_optax", _run_as_optax(case, backend, dtype, problem, steps)
-    if backend.name in ("numpy", "array_api_strict", "cupy"):
-        return "ArrayOptimizer", _run_array_optimizer(case, backend, dtype, problem, steps)
-    return None
+def run_adapters(
+    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int, inputs: HostInputs | None = None
+) -> list[tuple[str, Trajectory]]:
+    """The backend's native entry points: (name, trajectory) for each ([] where there is none).
+
+    torch's ``Optimizer.step(closure)`` takes no extra inputs (the adapter computes them from the
+    closure), so a case with inputs runs no torch class entry; :func:`run_cell` notes it.
+    """
+    inputs = inputs if inputs is not None else host_inputs(case, problem, steps)
+    if backend.framework == "torch":
+        if case.inputs:
+            return []
+        from agnostic_optim.adapters.torch import CLASS_FOR_FACTORY
+
+        cls = CLASS_FOR_FACTORY[case.optimizer]
+        return [(f"torch.{cls.__name__}", _run_torch_class(cls, case, backend, dtype, problem, steps))]
+    if backend.framework == "jax":
+        return [
+            ("as_optax", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=False)),
+            ("as_optax+jit", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=True)),
+        ]
+    if backend.framework in ("numpy", "array_api_strict", "cupy"):
+        return [("ArrayOptimizer", _run_array_optimizer(case, backend, dtype, problem, steps, inputs))]
+    return []
 
 
-def _run_torch_class(case: Case, backend: Backend, dtype: str, problem: Problem, steps: int) -> Trajectory:
-    from agnostic_optim.adapters.torch import TorchOptimizer
-
+def _run_torch_class(
+    cls: type, case: Case, backend: Backend, dtype: str, problem: Problem, steps: int
+) -> Trajectory:
+    """The named ``torch.optim.Optimizer`` class (``adapters.torch.SGD``...), so each class's own
+    state path (SGD's torch-style momentum buffer without a step count) is the one exercised."""
     torch = backend.module
     params = [backend.asarray(p, dtype).requires_grad_() for p in problem.initial]
-    opt = TorchOptimizer(params, case.optimizer, **case.kwargs)
+    opt = cls(params, **case.kwargs)
     trajectory = []
     for step in range(steps):
         with torch.no_grad():
@@ -104,25 +168,31 @@ def _run_torch_class(case: Case, backend: Backend, dtype: str, problem: Problem,
     return trajectory
 
 
-def _run_as_optax(case: Case, backend: Backend, dtype: str, problem: Problem, steps: int) -> Trajectory:
+def _run_as_optax(
+    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int, inputs: HostInputs, jit: bool
+) -> Trajectory:
+    """``as_optax``'s ``init``/``update`` + ``optax.apply_updates``; with ``jit`` the update runs
+    under ``jax.jit`` (traced once per problem and dtype, as in a real training loop)."""
+    import jax
     import optax
 
     from agnostic_optim.adapters.jax import as_optax
 
     tx = as_optax(case.build())
+    update = jax.jit(tx.update) if jit else tx.update
     params = [backend.asarray(p, dtype) for p in problem.initial]
     state = tx.init(params)
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        updates, state = tx.update(grads, state, params)
+        updates, state = update(grads, state, params, **backend_inputs(backend, inputs[step], dtype))
         params = optax.apply_updates(params, updates)
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
 
 def _run_array_optimizer(
-    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int
+    case: Case, backend: Backend, dtype: str, problem: Problem, steps: int, inputs: HostInputs
 ) -> Trajectory:
     from agnostic_optim.adapters.numpy import ArrayOptimizer
 
@@ -130,7 +200,8 @@ def _run_array_optimizer(
     opt = ArrayOptimizer(params, case.build())
     trajectory = []
     for step in range(steps):
-        opt.step(problem.gradient(backend, params, step, dtype))
+        grads = problem.gradient(backend, params, step, dtype)
+        opt.step(grads, **backend_inputs(backend, inputs[step], dtype))
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
@@ -145,13 +216,22 @@ def _problems(steps: int) -> tuple[Problem, ...]:
 
 _BASELINES: dict[tuple[str, str, int], Trajectory] = {}
 _REFERENCES: dict[tuple[str, str, int], Trajectory] = {}
+_INPUTS: dict[tuple[str, str, int], HostInputs] = {}
+
+
+def _host_inputs(case: Case, problem: Problem, steps: int) -> HostInputs:
+    key = (case.label, problem.name, steps)
+    if key not in _INPUTS:
+        _INPUTS[key] = host_inputs(case, problem, steps)
+    return _INPUTS[key]
 
 
 def _baseline(case: Case, problem: Problem, steps: int) -> Trajectory:
     """The NumPy float64 functional run every other run is compared with (computed once)."""
     key = (case.label, problem.name, steps)
     if key not in _BASELINES:
-        _BASELINES[key] = run_functional(case, get_backend("numpy"), "float64", problem, steps)
+        inputs = _host_inputs(case, problem, steps)
+        _BASELINES[key] = run_functional(case, get_backend("numpy"), "float64", problem, steps, inputs)
     return _BASELINES[key]
 
 
@@ -165,8 +245,7 @@ def _reference(case: Case, problem: Problem, steps: int) -> Trajectory:
 def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT_STEPS) -> CellResult:
     """Run every case of ``optimizer`` on one backend and dtype; compare and summarise."""
     backend = get_backend(backend_name)
-    tolerance = TOLERANCE[dtype]
-    result = CellResult(optimizer, backend_name, dtype, "pass", tolerance=tolerance)
+    result = CellResult(optimizer, backend_name, dtype, "pass", tolerance=TOLERANCE[dtype])
     if not backend.available:
         result.status = "skip"
         result.notes.append(backend.reason)
@@ -181,24 +260,32 @@ def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT
         result.failures.append(f"{optimizer} has no conformance case (add one to conformance/cases.py)")
         return result
     for case in cases:
+        tolerance = case.tolerance.get(dtype, TOLERANCE[dtype])
+        if dtype in case.tolerance:
+            result.notes.append(f"{case.label}: {dtype} tolerance {tolerance:.0e} ({case.tolerance_reason})")
         reason = case.reference.unavailable() if case.reference else ""
         if reason:
             result.notes.append(f"{case.label}: reference {case.reference.name} skipped ({reason})")
+        if case.inputs and backend.framework == "torch":
+            result.notes.append(
+                f"{case.label}: torch class entry not run (its step(closure) computes extra inputs itself)"
+            )
         for problem in _problems(steps):
             expected = _baseline(case, problem, steps)
-            runs = [("functional", run_functional(case, backend, dtype, problem, steps))]
-            adapter = run_adapter(case, backend, dtype, problem, steps)
-            if adapter is not None:
-                runs.append(adapter)
+            inputs = _host_inputs(case, problem, steps)
+            runs = [("functional", run_functional(case, backend, dtype, problem, steps, inputs))]
+            runs += run_adapters(case, backend, dtype, problem, steps, inputs)
+            # The float64 reference trajectory is the target in every dtype: a float32 run must stay
+            # within the float32 tolerance of it, so a rule broken in both our runs is caught there too.
+            reference = None
+            if case.reference is not None and not reason:
+                reference = _reference(case, problem, steps)
             for entry, trajectory in runs:
                 result.runs += 1
-                _record(
-                    result, f"{case.label} / {problem.name} / {entry}", trajectory, expected, "numpy float64"
-                )
-                if case.reference is not None and not reason and dtype == "float64":
-                    reference = _reference(case, problem, steps)
-                    _record(result, f"{case.label} / {problem.name} / {entry}", trajectory, reference,
-                            case.reference.name, against_reference=True)  # fmt: skip
+                where = f"{case.label} / {problem.name} / {entry}"
+                _record(result, where, trajectory, expected, "numpy float64", tolerance)
+                if reference is not None:
+                    _record(result, where, trajectory, reference, case.reference.name, tolerance, True)
     return result
 
 
@@ -208,9 +295,10 @@ def _record(
     ours: Trajectory,
     expected: Trajectory,
     against: str,
+    tolerance: float,
     against_reference: bool = False,
 ) -> None:
-    worst, first = first_divergence(ours, expected, result.tolerance)
+    worst, first = first_divergence(ours, expected, tolerance)
     if against_reference:
         result.error_vs_reference = max(result.error_vs_reference or 0.0, worst)
     else:
@@ -220,5 +308,8 @@ def _record(
         error = max_relative_error(ours[first - 1], expected[first - 1])
         result.failures.append(
             f"{result.optimizer} on {result.backend} {result.dtype}: {where} diverges from {against} "
-            f"at step {first} (relative error {error:.2e} > {result.tolerance:.0e}; worst {worst:.2e})"
+            f"at step {first} (relative error {error:.2e} > {tolerance:.0e}; worst {worst:.2e})"
         )
+        if result.first_step is None or first < result.first_step:
+            result.first_step = first
+            result.first_where = f"{where} vs {against}: relative error {error:.2e} > {tolerance:.0e}"

@@ -25,7 +25,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return _require(request.param)
 
 
-@pytest.fixture(params=[name for name in BACKEND_NAMES if name != "jax"])
+@pytest.fixture(params=[name for name in BACKEND_NAMES if name not in ("jax", "jax-gpu")])
 def mutable(request: pytest.FixtureRequest) -> Backend:
     """Every backend whose arrays can be written in place (JAX's cannot; ArrayOptimizer refuses them)."""
     return _require(request.param)
