@@ -32,26 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from param_sets import resnet18_shapes
 
 import agnostic_optim as ao
 from agnostic_optim.adapters.jax import jit_step
 from agnostic_optim.adapters.numpy import CHUNK_ELEMENTS, ArrayOptimizer
-
-
-def resnet18_shapes() -> list[tuple[int, ...]]:
-    """ResNet-18's parameter shapes: 62 tensors, 11,689,512 parameters."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    channels_in = 64
-    for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for block in range(2):
-            first_in = channels_in if block == 0 else channels
-            shapes += [(channels, first_in, 3, 3), (channels,), (channels,)]
-            shapes += [(channels, channels, 3, 3), (channels,), (channels,)]
-            if block == 0 and (stride != 1 or channels_in != channels):
-                shapes += [(channels, channels_in, 1, 1), (channels,), (channels,)]
-        channels_in = channels
-    return [*shapes, (1000, 512), (1000,)]
-
 
 # name -> (ours, optax's equivalent, note)
 OPTIMIZERS: dict[str, tuple[Callable[[], ao.Optimizer], Callable[[], Any], str]] = {

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+from param_sets import resnet18_shapes, small_shapes
 
 from agnostic_optim.adapters import torch as ours
 
@@ -42,25 +42,6 @@ OPTIMIZERS: dict[str, tuple[Callable, Callable, dict, tuple[str, ...]]] = {
     "RMSprop": (torch.optim.RMSprop, ours.RMSprop, {"lr": 1e-3}, ("forloop", "foreach")),
     "Lion": (None, ours.Lion, {"lr": 1e-4, "weight_decay": 1e-2}, ()),
 }
-
-
-def resnet18_shapes() -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    channels_in = 64
-    for channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for block in range(2):
-            first_in = channels_in if block == 0 else channels
-            shapes += [(channels, first_in, 3, 3), (channels,), (channels,)]
-            shapes += [(channels, channels, 3, 3), (channels,), (channels,)]
-            if block == 0 and (stride != 1 or channels_in != channels):
-                shapes += [(channels, channels_in, 1, 1), (channels,), (channels,)]
-        channels_in = channels
-    return [*shapes, (1000, 512), (1000,)]
-
-
-def small_shapes(count: int = 600) -> list[tuple[int, ...]]:
-    rng = random.Random(0)
-    return [(rng.randint(1000, 10000),) for _ in range(count)]
 
 
 def build(make: Callable, shapes: list[tuple[int, ...]], **kwargs) -> torch.optim.Optimizer:

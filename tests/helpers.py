@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+import agnostic_optim as ao
 from agnostic_optim.conformance.backends import Backend
 from agnostic_optim.conformance.compare import max_relative_error, relative_error
 
@@ -80,3 +82,13 @@ def torch_reference(
         optimizer.step()
         trajectory.append([t.detach().to(torch.float64).numpy().copy() for t in tensors])
     return trajectory
+
+
+def with_momentum_and_decay(entry: ao.RegistryEntry) -> ao.Optimizer:
+    """A registered optimizer with non-trivial hyperparameters: lr 0.02, and momentum 0.9 and
+    weight decay 0.01 where it has them (a wrapper wraps SGD configured that way)."""
+    if entry.wraps:
+        return entry.factory(ao.sgd(lr=0.02, momentum=0.9, weight_decay=0.01))
+    accepted = inspect.signature(entry.factory).parameters
+    wanted = {"lr": 0.02, "weight_decay": 0.01, "momentum": 0.9}
+    return entry.factory(**{k: v for k, v in wanted.items() if k in accepted})

@@ -12,7 +12,6 @@ JAX runs with x64 enabled (the ``jax_backend`` fixture), so float64 cases are fl
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import pytest
 
 import agnostic_optim as ao
 from agnostic_optim.conformance.compare import relative_error
+from helpers import with_momentum_and_decay
 
 jax = pytest.importorskip("jax", reason="jax is not installed")
 jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
@@ -88,15 +88,6 @@ def extra_inputs(entry: ao.RegistryEntry, params: Any) -> dict[str, Any]:
     return {name: makers[name]() for name in entry.inputs}
 
 
-def make(entry: ao.RegistryEntry) -> ao.Optimizer:
-    """The optimizer with non-trivial hyperparameters (momentum and weight decay switched on)."""
-    if entry.wraps:
-        return entry.factory(ao.sgd(lr=0.02, momentum=0.9, weight_decay=0.01))
-    accepted = inspect.signature(entry.factory).parameters
-    wanted = {"lr": 0.02, "weight_decay": 0.01, "momentum": 0.9}
-    return entry.factory(**{k: v for k, v in wanted.items() if k in accepted})
-
-
 def run_eager(entry, opt, params, grad_stream, step=None):
     step = step or opt.step
     state = opt.init(params)
@@ -118,7 +109,7 @@ def worst_error(ours, reference) -> float:
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_eager_jit_vmap_and_optax_chain_agree(name, dtype, rng):
     entry = REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     copies = [to_jax(host_tree(rng), dtype) for _ in range(3)]
     streams = [[to_jax(host_tree(rng), dtype) for _ in range(STEPS)] for _ in range(3)]
     eager = [run_eager(entry, opt, copies[i], streams[i])[0] for i in range(3)]
@@ -229,7 +220,7 @@ def test_set_hparams_between_jitted_steps_compiles_once(rng):
 @pytest.mark.parametrize("name", ["adamw", "lion", "nadam"])
 def test_jit_step_donates_params_and_state_and_matches_eager(name, rng):
     entry = REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     params = to_jax(host_tree(rng), "float64")
     stream = [to_jax(host_tree(rng), "float64") for _ in range(3)]
     eager, _, _ = run_eager(entry, opt, params, stream)

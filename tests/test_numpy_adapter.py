@@ -11,7 +11,6 @@ also across frameworks (a torch run resumes on NumPy and JAX).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -22,21 +21,13 @@ from agnostic_optim import checkpoint, chunking
 from agnostic_optim.adapters.numpy import CHUNK_ELEMENTS, ArrayOptimizer
 from agnostic_optim.conformance.backends import Backend
 from agnostic_optim.conformance.compare import relative_error
+from helpers import with_momentum_and_decay
 
 REGISTRY = ao.registry()
 STEPS = 3
 CHUNK = 16  # small, so that the (70,) and (6, 7) leaves are cut into several chunks
 # name -> shape; "t" is made as the transpose of a (5, 4) array (a non-contiguous view)
 SHAPES = {"scale": (), "small": (3,), "vec": (70,), "mat": (6, 7), "t": (4, 5)}
-
-
-def make(entry: ao.RegistryEntry) -> ao.Optimizer:
-    """The optimizer with momentum and weight decay switched on where it has them."""
-    if entry.wraps:
-        return entry.factory(ao.sgd(lr=0.02, momentum=0.9, weight_decay=0.01))
-    accepted = inspect.signature(entry.factory).parameters
-    wanted = {"lr": 0.02, "weight_decay": 0.01, "momentum": 0.9}
-    return entry.factory(**{k: v for k, v in wanted.items() if k in accepted})
 
 
 def inputs_for(entry: ao.RegistryEntry, backend: Backend, params: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +93,7 @@ def state_host(backend: Backend, state: Any) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_array_optimizer_matches_functional_api_bitwise_in_place(name, dtype, mutable, rng):
     backend, entry = mutable, REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     init, stream = host_problem(rng)
     params, base = user_params(backend, init, dtype)
     ids = {k: id(v) for k, v in params.items()}
@@ -158,7 +149,7 @@ def test_default_chunking_and_no_chunking_give_identical_results(name, dtype, rn
     from agnostic_optim.conformance.backends import get_backend
 
     backend, entry = get_backend("numpy"), REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     shapes = {"big": (CHUNK_ELEMENTS + 1000,), "w": (3, 4), "s": ()}
     init, stream = host_problem(rng, shapes, steps=2)
     chunked, unchunked = fresh(backend, init, dtype), fresh(backend, init, dtype)
@@ -185,7 +176,7 @@ def test_chunked_step_makes_no_full_size_temporaries(name):
     import tracemalloc
 
     entry = REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     if opt.rule is None or not opt.rule.elementwise:
         pytest.skip(f"{name} reduces over whole leaves (norms): its leaves are not chunked")
     n = 1 << 21
@@ -246,7 +237,7 @@ def test_mixed_precision_kahan_on_float16_in_place(mutable, rng):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_state_dict_round_trip_continues_identically(name, mutable, rng, tmp_path):
     backend, entry = mutable, REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     init, stream = host_problem(rng, {"vec": (70,), "mat": (6, 7), "s": ()}, steps=6)
     params = fresh(backend, init, "float64")
     a = ArrayOptimizer(params, opt, chunk_elements=CHUNK)
@@ -279,7 +270,7 @@ def test_torch_checkpoint_resumes_on_numpy_and_jax(name, torch_backend, rng, tmp
     """A state saved from a torch run (functional API on torch tensors) resumes a NumPy run
     (ArrayOptimizer) and a JAX run, which continue the torch trajectory (float64, 1e-12)."""
     entry = REGISTRY[name]
-    opt = make(entry)
+    opt = with_momentum_and_decay(entry)
     torch = torch_backend
     init, stream = host_problem(rng, {"vec": (7,), "mat": (3, 4), "s": ()}, steps=6)
     params = fresh(torch, init, "float64")
