@@ -52,7 +52,13 @@ def scalar_dtype(xp: Namespace, like: Array) -> Any:
 
 
 def is_floating(xp: Namespace, x: Array) -> bool:
-    return xp.isdtype(x.dtype, "real floating")
+    try:
+        return xp.isdtype(x.dtype, "real floating")
+    except TypeError:  # a dtype the namespace does not know, e.g. ml_dtypes' bfloat16 in NumPy
+        raise TypeError(
+            f"{getattr(xp, '__name__', xp)} does not support {x.dtype} arrays (NumPy and array_api_strict "
+            "have no bfloat16); keep the params in float32 there, or use torch or JAX for bfloat16"
+        ) from None
 
 
 def is_low_precision(xp: Namespace, dtype: Any) -> bool:

@@ -539,3 +539,11 @@ def test_every_optimizer_accepts_kahan_bf16_with_fp32_state(name, rng):
             for p, c, p0 in zip(params, comp, initial)
         ]
         assert any(np.any(d != 0) for d in moved), f"{name} did not change the params"
+
+
+def test_numpy_bf16_params_are_a_clear_type_error():
+    """NumPy arrays of ml_dtypes' bfloat16 (which JAX installs) are refused with the reason."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    params = [np.zeros(3, dtype=ml_dtypes.bfloat16)]
+    with pytest.raises(TypeError, match="does not support bfloat16 arrays"):
+        ao.adamw().init(params)
