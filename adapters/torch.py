@@ -392,6 +392,8 @@ def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor
     may hold it in another): the Kahan compensation in the param's dtype, master weights in the
     compute dtype, every other buffer in the state dtype."""
     precision = rule.precision
+    if precision.state_dtype is None and precision.compensation is None:  # the common case
+        return buffer if buffer.dtype == p.dtype else buffer.to(p.dtype)
     if name == precision.extra_buffer and precision.compensation == "kahan":
         want = p.dtype
     elif name == precision.extra_buffer:
@@ -419,13 +421,23 @@ def _step_count(state: dict[str, Any]) -> int:
 
 
 def _by_history(params: list[torch.Tensor], state: dict, rule: engine.Rule) -> list[list[torch.Tensor]]:
-    """Params grouped by step count (and running scalars): torch keeps one ``step`` per param."""
+    """Params grouped by step count (and running scalars): torch keeps one ``step`` per param.
+
+    The per-param values are read in one batched host transfer where they are CPU tensors."""
+    states = [state[p] for p in params]
+    columns = [_history_column(states, "step")] + [_history_column(states, k) for k in rule.scalars]
     groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        s = state[p]
-        key = (_step_count(s), *(float(s[k]) for k in rule.scalars))
+    for p, key in zip(params, zip(*columns)):
         groups.setdefault(key, []).append(p)
     return list(groups.values())
+
+
+def _history_column(states: list[dict[str, Any]], key: str) -> list[float]:
+    """``float(state[key])`` for every state (a missing ``step``: see :func:`_step_count`)."""
+    values = [s.get(key) for s in states]
+    if all(isinstance(v, torch.Tensor) and v.ndim == 0 and v.device.type == "cpu" for v in values):
+        return torch.stack(values).tolist() if values else []  # stack promotes mixed dtypes
+    return [float(_step_count(s)) if key == "step" else float(s[key]) for s in states]
 
 
 # ---------------------------------------------------------------- named classes

@@ -11,6 +11,7 @@ precision and casting, ``maximize``, and the step count.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -251,11 +252,12 @@ def _leaf_groups(
     groups: dict[Any, list[list[int]]] = {}
     limit = getattr(batching, "block_elements", None)
     sizes: dict[Any, int] = {}
-    for i, p in enumerate(params):
+    buffer_dtypes = zip(*([leaf.dtype for leaf in leaves] for leaves in buffers.values()))
+    for i, (p, dtypes) in enumerate(itertools.zip_longest(params, buffer_dtypes, fillvalue=())):
         key = (
             p.dtype,
             getattr(p, "device", None) or _backend.device_of(p),
-            tuple(leaves[i].dtype for leaves in buffers.values()),
+            dtypes,
             None if flags is None else flags[i],
         )
         size = math.prod(p.shape)
