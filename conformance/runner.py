@@ -128,8 +128,9 @@ def run_adapters(
 ) -> list[tuple[str, Trajectory]]:
     """The backend's native entry points: (name, trajectory) for each ([] where there is none).
 
-    torch's ``Optimizer.step(closure)`` takes no extra inputs (the adapter computes them from the
-    closure), so a case with inputs runs no torch class entry; :func:`run_cell` notes it.
+    torch's ``Optimizer.step(closure)`` has no way to receive extra step inputs (the torch adapter
+    runs only rules without them), so a case with inputs runs no torch class entry;
+    :func:`run_cell` notes it.
     """
     inputs = inputs if inputs is not None else host_inputs(case, problem, steps)
     if backend.framework == "torch":
@@ -268,7 +269,7 @@ def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT
             result.notes.append(f"{case.label}: reference {case.reference.name} skipped ({reason})")
         if case.inputs and backend.framework == "torch":
             result.notes.append(
-                f"{case.label}: torch class entry not run (its step(closure) computes extra inputs itself)"
+                f"{case.label}: torch class entry not run (step(closure) cannot take extra inputs)"
             )
         for problem in _problems(steps):
             expected = _baseline(case, problem, steps)
