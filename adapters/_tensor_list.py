@@ -7,6 +7,22 @@ kernels (one launch per operation for the whole group instead of one per leaf). 
 reductions (``sum``) give a list of 0-d tensors, which broadcast against their own leaf, so the
 layer-wise trust ratios of LARS/LAMB stay per leaf. Nothing here knows an optimizer: it is the
 batching half of "one rule, made fast by batching or compiling it".
+
+Arithmetic is lazy: an expression is recorded and evaluated only when its value is needed, so
+that
+
+* products are absorbed into the multiply-add kernels torch's own foreach optimizers are built
+  from, which the array API lacks: ``a + x * s`` runs as ``_foreach_add(a, x, alpha=s)``,
+  ``a + x * y * s`` as ``_foreach_addcmul`` and ``a - x / y * s`` as ``_foreach_addcdiv``;
+* a chain of operations on one operand runs in place on one buffer (``sqrt(v) / c + eps`` is
+  one allocation and three kernels);
+* :func:`store` evaluates a step's results straight into their destinations:
+  ``m * b1 + g * (1 - b1)`` stored into ``m`` runs as ``m.mul_(b1).add_(g, alpha=1 - b1)``, with
+  no temporary and no copy -- provided nothing evaluated later still reads the old ``m``.
+
+Only scales known on the host (Python numbers and CPU 0-d tensors) are absorbed, so CUDA never
+syncs. A fused kernel rounds its product and sum once instead of twice (ulp-level differences
+from the unfused expression); every other operation rounds exactly as the expression does.
 """
 
 from __future__ import annotations
@@ -19,30 +35,48 @@ import torch
 
 Operand = Any  # TensorList, 0-d tensor or Python number
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_UNARY = ("sqrt", "abs", "sign", "exp", "neg", "reciprocal")
 
-class TensorList:
-    """A group of tensors (one per leaf) acting as a single array operand.
 
-    Products are kept pending until they are needed, so that an addition can absorb them into
-    one fused kernel: ``a + x * s`` runs as ``_foreach_add(a, x, alpha=s)``, ``a + x * y * s`` as
-    ``_foreach_addcmul`` and ``a - x / y * s`` as ``_foreach_addcdiv`` -- the multiply-add
-    primitives torch's own foreach optimizers are built from, which the array API lacks. Only
-    scales known on the host (Python numbers and CPU 0-d tensors) are absorbed, so CUDA never
-    syncs. A fused kernel rounds its product and sum once instead of twice (ulp-level
-    differences from the unfused functional step).
+class _Node:
+    """A recorded operation on ``base``: ``kind`` names the foreach kernel family.
+
+    ``add`` is ``base + alpha * other``; ``mul``, ``div``, ``pow``, ``maximum`` and ``minimum``
+    combine ``base`` with ``other``; the unary kinds (``sqrt``, ...) only use ``base``.
     """
 
-    __slots__ = ("_pending", "_tensors")
+    __slots__ = ("alpha", "base", "kind", "other")
 
-    def __init__(self, tensors: Sequence[torch.Tensor] | None, pending: _Pending | None = None):
+    def __init__(self, kind: str, base: TensorList, other: Any = None, alpha: float = 1.0):
+        self.kind, self.base, self.other, self.alpha = kind, base, other, alpha
+
+
+class TensorList:
+    """A group of tensors (one per leaf) acting as a single array operand (see the module doc).
+
+    A TensorList holds either its tensors or the operation that computes them; reading
+    :attr:`tensors` evaluates (once) into fresh tensors. Tensors given to the constructor are
+    only ever read, except by :func:`store`.
+    """
+
+    __slots__ = ("_node", "_per_leaf", "_tensors")
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor] | None,
+        node: _Node | None = None,
+        per_leaf: bool = False,
+    ):
         self._tensors = None if tensors is None else list(tensors)
-        self._pending = pending
+        self._node = node
+        self._per_leaf = per_leaf  # one 0-d tensor per leaf (a reduction's result)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         if self._tensors is None:
-            self._tensors = self._pending.evaluate()
-            self._pending = None
+            self._tensors = _evaluate(self._node, None)
+            self._node = None
         return self._tensors
 
     @property
@@ -54,64 +88,76 @@ class TensorList:
         return self._any().device
 
     def _any(self) -> torch.Tensor:
-        return self._tensors[0] if self._tensors is not None else self._pending.x[0]
+        operand = self
+        while operand._tensors is None:
+            operand = operand._node.base
+        return operand._tensors[0]
 
     def __len__(self) -> int:
-        return len(self._tensors) if self._tensors is not None else len(self._pending.x)
+        operand = self
+        while operand._tensors is None:
+            operand = operand._node.base
+        return len(operand._tensors)
 
     def __array_namespace__(self, api_version: str | None = None) -> TensorListNamespace:
         return NAMESPACE
 
     # ------------------------------------------------------------ arithmetic
 
-    def __add__(self, other: Operand) -> TensorList:
+    def _binary(self, kind: str, other: Operand, alpha: float = 1.0, commutative: bool = False) -> TensorList:
+        """A lazy ``kind`` of self and ``other``, or None where it must run now."""
+        if not self._any().is_floating_point():
+            return None
         if isinstance(other, TensorList):
-            fused = _fused_add(self, other, 1.0)
-            if fused is not None:
-                return fused
-        return TensorList(torch._foreach_add(self.tensors, _operand(other)))
+            if other.dtype != self.dtype:
+                return None  # type promotion: let torch decide, eagerly
+            if self._per_leaf and not other._per_leaf:  # the full-size operand must be the base
+                if not commutative:
+                    return None
+                return TensorList(None, _Node(kind, other, self, alpha))
+            return TensorList(None, _Node(kind, self, other, alpha), self._per_leaf)
+        scale = _host_scalar(other)
+        if scale is not None:
+            return TensorList(None, _Node(kind, self, scale, alpha), self._per_leaf)
+        if isinstance(other, torch.Tensor) and other.ndim == 0 and other.is_floating_point():
+            return TensorList(None, _Node(kind, self, other, alpha), self._per_leaf)
+        return None
+
+    def _unary(self, kind: str) -> TensorList:
+        return TensorList(None, _Node(kind, self), self._per_leaf)
+
+    def __add__(self, other: Operand) -> TensorList:
+        lazy = self._binary("add", other, commutative=True)
+        return lazy if lazy is not None else TensorList(torch._foreach_add(self.tensors, _operand(other)))
 
     __radd__ = __add__
 
     def __sub__(self, other: Operand) -> TensorList:
-        if isinstance(other, TensorList):
-            fused = _fused_add(self, other, -1.0)
-            if fused is not None:
-                return fused
-            return TensorList(torch._foreach_sub(self.tensors, other.tensors))
-        if isinstance(other, torch.Tensor):
-            return TensorList(torch._foreach_add(self.tensors, other, alpha=-1))
-        return TensorList(torch._foreach_sub(self.tensors, other))
+        lazy = self._binary("add", other, alpha=-1.0)
+        return lazy if lazy is not None else TensorList(torch._foreach_sub(self.tensors, _operand(other)))
 
     def __rsub__(self, other: Operand) -> TensorList:
-        return TensorList(torch._foreach_add(torch._foreach_neg(self.tensors), _operand(other)))
+        return -self + other
 
     def __mul__(self, other: Operand) -> TensorList:
-        scale = _host_scalar(other) if self._any().is_floating_point() else None
-        if scale is not None:
-            pending = self._pending
-            if pending is not None and pending.scale is None and pending.kind != "scale":
-                return TensorList(None, _Pending(pending.kind, pending.x, pending.y, scale))
-            return TensorList(None, _Pending("scale", self.tensors, None, scale))
-        if isinstance(other, TensorList) and self._pending is None and other._pending is None:
-            return TensorList(None, _Pending("mul", self._tensors, other._tensors, None))
-        return TensorList(torch._foreach_mul(self.tensors, _operand(other)))
+        lazy = self._binary("mul", other, commutative=True)
+        return lazy if lazy is not None else TensorList(torch._foreach_mul(self.tensors, _operand(other)))
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: Operand) -> TensorList:
-        if isinstance(other, TensorList) and self._pending is None and other._pending is None:
-            return TensorList(None, _Pending("div", self._tensors, other._tensors, None))
-        return TensorList(torch._foreach_div(self.tensors, _operand(other)))
+        lazy = self._binary("div", other)
+        return lazy if lazy is not None else TensorList(torch._foreach_div(self.tensors, _operand(other)))
 
     def __rtruediv__(self, other: Operand) -> TensorList:
-        return TensorList(torch._foreach_mul(torch._foreach_reciprocal(self.tensors), _operand(other)))
+        return self._unary("reciprocal") * other
 
     def __pow__(self, other: Operand) -> TensorList:
-        return TensorList(torch._foreach_pow(self.tensors, _operand(other)))
+        lazy = self._binary("pow", other)
+        return lazy if lazy is not None else TensorList(torch._foreach_pow(self.tensors, _operand(other)))
 
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.tensors))
+        return self._unary("neg")
 
     # ------------------------------------------------------------ comparisons and logic
 
@@ -150,53 +196,6 @@ def _operand(value: Operand) -> Any:
     raise TypeError(f"unsupported operand for a TensorList: {type(value).__name__}")
 
 
-class _Pending:
-    """A product not computed yet: ``x * s`` ("scale"), ``x * y [* s]`` ("mul"), ``x / y [* s]`` ("div")."""
-
-    __slots__ = ("kind", "scale", "x", "y")
-
-    def __init__(self, kind: str, x: list[torch.Tensor], y: list[torch.Tensor] | None, scale: float | None):
-        self.kind, self.x, self.y, self.scale = kind, x, y, scale
-
-    def evaluate(self) -> list[torch.Tensor]:
-        """The product, rounded after each operation as the unfused expression would be."""
-        if self.kind == "scale":
-            return torch._foreach_mul(self.x, self.scale)
-        out = (torch._foreach_mul if self.kind == "mul" else torch._foreach_div)(self.x, self.y)
-        if self.scale is not None:
-            torch._foreach_mul_(out, self.scale)
-        return out
-
-    def add_to(self, base: list[torch.Tensor], sign: float, in_place: bool) -> list[torch.Tensor]:
-        """``base + sign * product`` in one fused kernel (into ``base`` if ``in_place``)."""
-        value = sign * (1.0 if self.scale is None else self.scale)
-        if self.kind == "scale" and in_place:
-            torch._foreach_add_(base, self.x, alpha=value)
-            return base
-        if self.kind == "scale":
-            return torch._foreach_add(base, self.x, alpha=value)
-        op = {
-            ("mul", False): torch._foreach_addcmul,
-            ("mul", True): torch._foreach_addcmul_,
-            ("div", False): torch._foreach_addcdiv,
-            ("div", True): torch._foreach_addcdiv_,
-        }[self.kind, in_place]
-        result = op(base, self.x, self.y, value=value)
-        return base if in_place else result
-
-
-def _fused_add(a: TensorList, b: TensorList, sign: float) -> TensorList | None:
-    """``a + sign * b`` with a pending product absorbed into the addition, or None."""
-    if b._pending is not None:
-        if a._pending is not None and a._pending.kind == "scale":
-            base = a._pending.evaluate()  # a fresh temporary: add into it
-            return TensorList(b._pending.add_to(base, sign, in_place=True))
-        return TensorList(b._pending.add_to(a.tensors, sign, in_place=False))
-    if a._pending is not None and sign == 1.0:
-        return _fused_add(b, a, 1.0)
-    return None
-
-
 def _host_scalar(value: Operand) -> float | None:
     """``value`` as a Python float when it is a host scalar a fused kernel can take, else None."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -209,6 +208,179 @@ def _host_scalar(value: Operand) -> float | None:
     ):
         return value.item()
     return None
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _lazy(value: Any) -> _Node | None:
+    return value._node if isinstance(value, TensorList) and value._tensors is None else None
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two leaf-aligned lists hold the same tensors (a block's lists are aligned leaf by
+    leaf, so they share either every tensor or none)."""
+    return a[0] is b[0]
+
+
+def _product(term: TensorList, alpha: float) -> tuple:
+    """``alpha * term`` as the operands of a multiply-add kernel:
+    ``("add", x, alpha)``, ``("addcmul", x, y, value)`` or ``("addcdiv", x, y, value)``."""
+    node = _lazy(term)
+    if node is None:
+        return ("add", term, alpha)
+    if node.kind == "mul" and isinstance(node.other, float):
+        alpha, inner = alpha * node.other, node.base
+        product = _lazy(inner)
+        if product is not None and product.kind in ("mul", "div") and isinstance(product.other, TensorList):
+            return ("addcmul" if product.kind == "mul" else "addcdiv", product.base, product.other, alpha)
+        return ("add", inner, alpha)
+    if node.kind in ("mul", "div") and isinstance(node.other, TensorList):
+        return ("addcmul" if node.kind == "mul" else "addcdiv", node.base, node.other, alpha)
+    return ("add", term, alpha)
+
+
+def _is_product(term: Any) -> bool:
+    if not isinstance(term, TensorList):
+        return False
+    form = _product(term, 1.0)
+    return form[0] != "add" or form[1] is not term
+
+
+def _reaches(value: Any, destination: list[torch.Tensor]) -> bool:
+    """Whether ``value``'s in-place chain starts from ``destination`` itself."""
+    while isinstance(value, TensorList):
+        if value._tensors is not None:
+            return _same(value._tensors, destination)
+        node = value._node
+        if node.kind == "add" and node.alpha == 1.0 and _reaches(node.other, destination):
+            return True
+        value = node.base
+    return False
+
+
+def _plan(node: _Node, destination: list[torch.Tensor] | None) -> tuple[TensorList, str, tuple, dict]:
+    """(base, kernel, operands, keyword arguments) for one node: ``kernel(base, *operands)``."""
+    base, other, kind = node.base, node.other, node.kind
+    if kind != "add":
+        if kind in _UNARY:
+            return base, kind, (), {}
+        return base, kind, (other,), {}
+    if not isinstance(other, TensorList):  # a scalar
+        if isinstance(other, float):
+            return base, "add", (node.alpha * other,), {}
+        return base, "add", (other,), {"alpha": node.alpha}
+    if node.alpha == 1.0:
+        # The base is the operand whose chain reaches the destination, or else the one that is
+        # not a product, so that the other becomes the multiply-add's product.
+        base_reaches = destination is not None and _reaches(base, destination)
+        other_reaches = destination is not None and _reaches(other, destination)
+        if not base_reaches and (other_reaches or (_is_product(base) and not _is_product(other))):
+            base, other = other, base
+    term = _product(other, node.alpha)
+    if term[0] == "add":
+        return base, "add", (term[1],), {"alpha": term[2]}
+    return base, term[0], (term[1], term[2]), {"value": term[3]}
+
+
+def _evaluate(node: _Node, destination: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """``node``'s value, written into ``destination`` (whose old values may be overwritten) or
+    into fresh tensors. Operands are evaluated before the base is written, so they may read the
+    destination's old values; intermediate results are not kept (a shared lazy operand is
+    recomputed, always from unchanged inputs)."""
+    base, kernel, operands, kwargs = _plan(node, destination)
+    values = tuple(v.tensors if isinstance(v, TensorList) else v for v in operands)
+    if kernel in ("mul", "div") and isinstance(values[0], float):
+        values = (_cpu_scalar(values[0], base),)
+    if destination is not None and any(isinstance(v, list) and _same(v, destination) for v in values):
+        result = _evaluate(node, None)  # an operand is the destination's old value
+        _copy(destination, result)
+        return destination
+    base_node = _lazy(base)
+    if destination is None and base_node is None:
+        return getattr(torch, f"_foreach_{kernel}")(base.tensors, *values, **kwargs)
+    if base_node is not None:
+        target = _evaluate(base_node, destination)
+    else:
+        target = destination
+        if not _same(base.tensors, destination):
+            _copy(destination, base.tensors)
+    getattr(torch, f"_foreach_{kernel}_")(target, *values, **kwargs)
+    return target
+
+
+def _cpu_scalar(value: float, like: TensorList) -> float | torch.Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype for a CPU multiplication or division, which
+    runs twice as fast on 600 small tensors as with a Python number (float32/float64 only: a
+    number is not rounded to the list's dtype first, so the results are identical)."""
+    first = like._any()
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
+        return value
+    return torch.tensor(value, dtype=first.dtype)
+
+
+def _copy(destinations: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    if all(type(d) in _PLAIN_TENSORS for d in destinations):
+        torch._foreach_copy_(destinations, values)
+        return
+    for destination, value in zip(destinations, values):  # tensor subclasses (FSDP's DTensor)
+        destination.copy_(value)
+
+
+def _reads(value: Any, destination: list[torch.Tensor], skip: TensorList) -> bool:
+    """Whether evaluating ``value`` reads ``destination`` (not counting the subexpression
+    ``skip``, which will be stored into it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is skip or not isinstance(item, TensorList):
+            continue
+        if item._tensors is not None:
+            if _same(item._tensors, destination):
+                return True
+            continue
+        stack.append(item._node.base)
+        stack.append(item._node.other)
+    return False
+
+
+def _contains(value: TensorList, part: TensorList) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is part:
+            return True
+        if isinstance(item, TensorList) and item._tensors is None:
+            stack.append(item._node.base)
+            stack.append(item._node.other)
+    return False
+
+
+def store(pairs: list[tuple[list[torch.Tensor], TensorList]]) -> None:
+    """Write each value into its destination tensors, in place.
+
+    Values that other values use are stored first (a new moment feeding the parameter update),
+    and a value is written into its destination directly -- continuing the in-place chain that
+    starts there -- only once no other pending value reads the destination's old contents.
+    """
+    pending = sorted(
+        pairs, key=lambda pair: -sum(_contains(v, pair[1]) for _, v in pairs if v is not pair[1])
+    )
+    while pending:
+        for index, (destination, value) in enumerate(pending):
+            if not any(_reads(v, destination, value) for j, (_, v) in enumerate(pending) if j != index):
+                break
+        else:  # every destination is still read by another value: evaluate them all first
+            for _, value in pending:
+                value.tensors  # noqa: B018
+            index = 0
+        destination, value = pending.pop(index)
+        if value._tensors is not None or value.dtype != destination[0].dtype:
+            if not _same(value.tensors, destination):
+                _copy(destination, value.tensors)
+        else:
+            _evaluate(value._node, destination)
+        value._tensors, value._node = destination, None
 
 
 def _tensors(value: Operand, like: TensorList) -> list[Any]:
@@ -228,33 +400,36 @@ class TensorListNamespace:
 
     @staticmethod
     def sqrt(x: TensorList) -> TensorList:
-        return TensorList(torch._foreach_sqrt(x.tensors))
+        return x._unary("sqrt")
 
     @staticmethod
     def abs(x: TensorList) -> TensorList:
-        return TensorList(torch._foreach_abs(x.tensors))
+        return x._unary("abs")
 
     @staticmethod
     def sign(x: TensorList) -> TensorList:
-        return TensorList(torch._foreach_sign(x.tensors))
+        return x._unary("sign")
 
     @staticmethod
     def exp(x: TensorList) -> TensorList:
-        return TensorList(torch._foreach_exp(x.tensors))
+        return x._unary("exp")
 
     @staticmethod
     def maximum(a: Operand, b: Operand) -> TensorList:
-        if isinstance(a, TensorList) and isinstance(b, TensorList):
-            return TensorList(torch._foreach_maximum(a.tensors, b.tensors))
-        like = a if isinstance(a, TensorList) else b
-        return TensorList([torch.maximum(x, y) for x, y in zip(_tensors(a, like), _tensors(b, like))])
+        return TensorListNamespace._extremum("maximum", a, b, torch.maximum)
 
     @staticmethod
     def minimum(a: Operand, b: Operand) -> TensorList:
+        return TensorListNamespace._extremum("minimum", a, b, torch.minimum)
+
+    @staticmethod
+    def _extremum(kind: str, a: Operand, b: Operand, op: Callable) -> TensorList:
         if isinstance(a, TensorList) and isinstance(b, TensorList):
-            return TensorList(torch._foreach_minimum(a.tensors, b.tensors))
+            lazy = a._binary(kind, b, commutative=True)
+            if lazy is not None:
+                return lazy
         like = a if isinstance(a, TensorList) else b
-        return TensorList([torch.minimum(x, y) for x, y in zip(_tensors(a, like), _tensors(b, like))])
+        return TensorList([op(x, y) for x, y in zip(_tensors(a, like), _tensors(b, like))])
 
     @staticmethod
     def where(condition: Operand, a: Operand, b: Operand) -> TensorList:
@@ -269,7 +444,7 @@ class TensorListNamespace:
     @staticmethod
     def sum(x: TensorList) -> TensorList:
         """Per-leaf sums: a list of 0-d tensors, each broadcasting against its own leaf."""
-        return TensorList([torch.sum(t) for t in x.tensors])
+        return TensorList([torch.sum(t) for t in x.tensors], per_leaf=True)
 
     @staticmethod
     def zeros_like(x: TensorList) -> TensorList:
@@ -285,7 +460,7 @@ class TensorListNamespace:
 
     @staticmethod
     def astype(x: TensorList, dtype: torch.dtype) -> TensorList:
-        return TensorList([t.to(dtype) for t in x.tensors])
+        return x if x.dtype == dtype else TensorList([t.to(dtype) for t in x.tensors])
 
     @staticmethod
     def isfinite(x: TensorList) -> TensorList:

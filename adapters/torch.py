@@ -38,7 +38,7 @@ import torch
 
 import agnostic_optim as ao
 from agnostic_optim import _backend, chunking, engine
-from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList
+from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
 from agnostic_optim.hparams import is_scheduled
 
 XP = array_api_compat.torch  # the core's namespace for torch tensors
@@ -69,9 +69,6 @@ _TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 _PRECISION_OPTIONS = ("state_dtype", "compensation")
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 class _ForeachBatching:
     """Packs same-dtype, same-device leaves into a TensorList (see :func:`engine.apply_rule`)."""
 
@@ -89,12 +86,8 @@ class _ForeachBatching:
         return packed.tensors
 
     @staticmethod
-    def store(destinations: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        if all(type(d) in _PLAIN_TENSORS for d in destinations):
-            torch._foreach_copy_(destinations, values)
-            return
-        for destination, value in zip(destinations, values):  # tensor subclasses (FSDP's DTensor)
-            destination.copy_(value)
+    def store(pairs: list[tuple[list[torch.Tensor], TensorList]]) -> None:
+        store(pairs)
 
 
 def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:

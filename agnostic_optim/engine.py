@@ -235,8 +235,10 @@ class Batching(Protocol):
 
     def unpack(self, packed: Any) -> list[Array]: ...
 
-    # Optional: ``store(destinations, values)`` writes each value into its destination in one
-    # batched operation; in-place steps use it instead of a ``destination[...] = value`` per leaf.
+    # Optional: ``store(pairs)`` writes a group's results in place, given as
+    # ``(destination leaves, packed value)`` pairs (the new params, then each buffer); in-place
+    # steps use it instead of a ``destination[...] = value`` per leaf, so that the batching can
+    # evaluate values straight into their destinations.
 
 
 def _leaf_groups(
@@ -404,22 +406,22 @@ def update_leaves(
         working = precision.working_param(uxp, gather(param_leaves, convert=False), extra, dtype)
         bufs, out = rule.update(uxp, g, working, bufs, s, **kwargs)
         out, extra = precision.commit_param(uxp, out, first.dtype, extra)
-        results = {"": unpack(out)}
+        packed = {"": out}
         for name in rule.buffers:
-            results[name] = unpack(_backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype))
+            packed[name] = _backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype)
         if extra_name:
-            results[extra_name] = unpack(extra)
+            packed[extra_name] = extra
         store_all = getattr(batching, "store", None) if in_place else None
-        if store_all is not None:  # one batched copy per operand
-            store_all([param_leaves[i] for i in group], results[""])
-            for name in names:
-                store_all([buffer_leaves[name][i] for i in group], results[name])
-        for position, i in enumerate(group):
-            if store_all is not None:
+        if store_all is not None:  # the batching writes the whole group at once
+            destinations = {"": param_leaves, **buffer_leaves}
+            store_all([([destinations[k][i] for i in group], v) for k, v in packed.items()])
+            for i in group:
                 outputs[i] = param_leaves[i]
                 for name in names:
                     new_buffers[name][i] = buffer_leaves[name][i]
-                continue
+            continue
+        results = {k: unpack(v) for k, v in packed.items()}
+        for position, i in enumerate(group):
             outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
             for name in names:
                 new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)

@@ -102,14 +102,22 @@ def test_pending_products_round_like_the_expression(lists) -> None:
             assert torch.equal(a, e), name
 
 
-def test_a_pending_value_used_twice_is_computed_once_and_consistently(lists, calls) -> None:
+def test_a_lazy_value_used_twice_is_evaluated_once_and_consistently(lists, calls) -> None:
     x, y, _ = lists
     scaled = TensorList(x) * 0.5
-    first = scaled + TensorList(y)
     second = scaled * 3.0
-    close(first, [a * 0.5 + b for a, b in zip(x, y)])
-    close(second, [a * 0.5 * 3.0 for a in x], ulps=0)
-    assert calls["_foreach_mul"] == 2  # scaled materialised for ``second``, then * 3
+    close(scaled, [a * 0.5 for a in x], ulps=0)  # materialises ``scaled``
+    first = scaled + TensorList(y)
+    close(first, [a * 0.5 + b for a, b in zip(x, y)], ulps=0)
+    close(second, [a * 0.5 * 3.0 for a in x], ulps=0)  # rounded twice, as the expression is
+    assert calls == Counter({"_foreach_mul": 2, "_foreach_add": 1})  # ``scaled`` is computed once
+
+
+def test_a_chain_runs_in_place_on_one_buffer(lists, calls) -> None:
+    _, _, v = lists
+    denominator = NAMESPACE.sqrt(TensorList(v)) / 1.25 + 1e-3
+    close(denominator, [c.sqrt() / 1.25 + 1e-3 for c in v], ulps=0)
+    assert calls == Counter({"_foreach_sqrt": 1, "_foreach_div_": 1, "_foreach_add_": 1})
 
 
 def test_integer_and_tensorlist_scales_are_not_absorbed(lists) -> None:
