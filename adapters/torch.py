@@ -30,6 +30,7 @@ Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,8 +75,9 @@ class _ForeachBatching:
 
     xp = NAMESPACE
 
-    def __init__(self, block_elements: int | None = None):
-        self.block_elements = block_elements
+    @property
+    def block_elements(self) -> int:
+        return BLOCK_ELEMENTS
 
     @staticmethod
     def pack(arrays: list[torch.Tensor]) -> TensorList:
@@ -88,6 +90,80 @@ class _ForeachBatching:
     @staticmethod
     def store(pairs: list[tuple[list[torch.Tensor], TensorList]]) -> None:
         store(pairs)
+
+
+_BATCHING = _ForeachBatching()
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class _Subset:
+    """Params of one group that share a step count, with what their step reuses."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        buffers: dict[str, list[torch.Tensor]],
+        count: int,
+        layout: chunking.ChunkLayout | None,
+        groups: list[list[int]] | None,
+    ):
+        self.params, self.states, self.buffers, self.count = params, states, buffers, count
+        self.layout, self.groups = layout, groups  # the eager path's chunks and leaf groups
+
+
+class _Plan:
+    """A param group's step laid out once and reused while nothing it was built from changes.
+
+    :meth:`matches` checks that, in O(params) identity comparisons each step: the same params
+    have gradients; their data pointers are unchanged (``p.data = ...`` would leave the chunk
+    views on the old storage); each state holds the same buffers, ``step`` and running scalars;
+    and the version counters of those last show that only this optimizer changed them (so the
+    step counts it keeps are still the states' own).
+    """
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        rule: engine.Rule,
+        params: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        subsets: list[_Subset],
+    ):
+        self.group, self.rule, self.params, self.subsets = group, rule, params, subsets
+        self.pointers = (
+            [p.data_ptr() for p in params] if all(type(p) in _PLAIN_TENSORS for p in params) else []
+        )
+        self.buffers = {name: [s[name] for s in states] for name in engine.buffer_names(rule)}
+        self.history_keys = ("step", *rule.scalars)
+        self.record_history(states)
+
+    def record_history(self, states: list[dict[str, Any]]) -> None:
+        """Remember the step counters and running scalars as this step left them."""
+        self.history = {key: [s.get(key) for s in states] for key in self.history_keys}
+        self.versions = {key: _versions(values) for key, values in self.history.items()}
+
+    def matches(
+        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
+    ) -> bool:
+        if self.group is not group or self.rule is not rule or len(params) != len(self.params):
+            return False
+        if not all(map(operator.is_, params, self.params)):
+            return False
+        if [p.data_ptr() for p in params] != self.pointers:
+            return False
+        for name, buffers in self.buffers.items():
+            if not all(map(operator.is_, [s.get(name) for s in states], buffers)):
+                return False
+        for key, values in self.history.items():
+            current = [s.get(key) for s in states]
+            if not all(map(operator.is_, current, values)) or _versions(current) != self.versions[key]:
+                return False
+        return True
+
+
+def _versions(values: list[Any]) -> list[int | None]:
+    return [v._version if isinstance(v, torch.Tensor) else None for v in values]
 
 
 def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
@@ -171,6 +247,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._rules: dict[tuple, ao.Optimizer] = {}
         self._compiled: dict[int, Callable[..., Any]] = {}
         self._hparam_tensors: dict[tuple, dict[str, Any]] = {}
+        self._plans: dict[int, _Plan] = {}
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._optimizer_for(group)  # validate every group's hyperparameters now
@@ -234,22 +311,51 @@ class TorchOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients; "
-                        "use torch.optim.SparseAdam or densify the gradient"
-                    )
-            opt = self._optimizer_for(group)
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(_initial_param_state(opt.rule, p))
-            for subset in _by_history(params, self.state, opt.rule):
-                self._step_subset(group, opt.rule, subset)
-            if not self._keeps_step(opt.rule):
-                for p in params:
-                    self.state[p].pop("step", None)
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; "
+                    "use torch.optim.SparseAdam or densify the gradient"
+                )
+            rule = self._optimizer_for(group).rule
+            states = [self.state[p] for p in params]
+            plan = self._plans.get(id(group))
+            if plan is None or not plan.matches(group, rule, params, states):
+                plan = self._plan(group, rule, params, states)
+            for subset in plan.subsets:
+                self._step_subset(group, rule, subset)
+            if not self._keeps_step(rule):
+                for s in states:
+                    s.pop("step", None)
+            plan.record_history(states)
         return loss
+
+    def _plan(
+        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
+    ) -> _Plan:
+        """Initialise missing state and lay the group's step out (kept while it matches)."""
+        for p, s in zip(params, states):
+            if not s:
+                s.update(_initial_param_state(rule, p))
+        names = engine.buffer_names(rule)
+        subsets = []
+        for members in _by_history(params, self.state, rule):
+            member_states = [self.state[p] for p in members]
+            buffers = {}
+            for name in names:
+                buffers[name] = [_storage(rule, p, name, s[name]) for p, s in zip(members, member_states)]
+                for s, buffer in zip(member_states, buffers[name]):
+                    s[name] = buffer  # a converted checkpoint buffer replaces the loaded one
+            layout = groups = None
+            if not self._compile:
+                size = CHUNK_ELEMENTS if rule.elementwise and rule.mask is None else 0
+                layout = chunking.chunk_layout(XP, members, buffers, size)
+                groups = engine.leaf_groups(layout.params, layout.buffers, None, _BATCHING)
+            count = _step_count(member_states[0])
+            subsets.append(_Subset(members, member_states, buffers, count, layout, groups))
+        plan = _Plan(group, rule, params, states, subsets)
+        if all(type(p) in _PLAIN_TENSORS for p in params):  # DTensor has no data pointer to check
+            self._plans[id(group)] = plan
+        return plan
 
     def _keeps_step(self, rule: engine.Rule) -> bool:
         """Whether per-param state holds ``step``. torch.optim.SGD keeps none (a momentum buffer
@@ -260,6 +366,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """torch.optim's ``load_state_dict``; in groups with a ``state_dtype`` or compensation the
         floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16)."""
         super().load_state_dict(state_dict)
+        self._plans.clear()
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             if group.get("state_dtype") is None and group.get("compensation") is None:
@@ -269,14 +376,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                     if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, copy=True)
 
-    def _step_subset(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> None:
+    def _step_subset(self, group: dict[str, Any], rule: engine.Rule, subset: _Subset) -> None:
         """One core step for params that share a step count: scalars eagerly, arrays fused."""
+        params, states, buffers = subset.params, subset.states, subset.buffers
         first = params[0]
-        states = [self.state[p] for p in params]
-        names = engine.buffer_names(rule)
-        buffers = {name: [_storage(rule, p, name, s[name]) for p, s in zip(params, states)] for name in names}
         hparams, scheduled = self._hparams(group, rule, first)
-        count = torch.tensor(_step_count(states[0]), dtype=torch.int32, device=first.device)
+        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
         running = {
             k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
         }
@@ -291,25 +396,22 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if dtype not in cast:
                     cast[dtype] = caster.for_leaf(p, dtype)
             self._compiled_update(rule)(cast, params, grads, buffers)
-            new_buffers = buffers
         else:
-            size = CHUNK_ELEMENTS if rule.elementwise and rule.mask is None else 0
-            views, grad_views, buffer_views = chunking.chunk_views(XP, params, grads, buffers, size)
+            layout = subset.layout
             engine.update_leaves(
                 rule,
                 XP,
                 caster.for_leaf,
-                grad_views,
-                views,
-                buffer_views,
-                batching=_ForeachBatching(BLOCK_ELEMENTS),
+                layout.cut_grads(XP, grads),
+                layout.params,
+                layout.buffers,
+                batching=_BATCHING,
                 in_place=True,
+                groups=subset.groups,
             )
-            new_buffers = buffers
         _increment_steps(states)
-        for i, s in enumerate(states):
-            for name in names:
-                s[name] = new_buffers[name][i]
+        subset.count += 1
+        for s in states:
             for k, v in step.running.items():
                 # each param its own tensor: torch.optim updates loaded state in place
                 s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)

@@ -241,7 +241,7 @@ class Batching(Protocol):
     # evaluate values straight into their destinations.
 
 
-def _leaf_groups(
+def leaf_groups(
     params: list[Array],
     buffers: Mapping[str, list[Array]],
     flags: list[bool] | None,
@@ -372,11 +372,13 @@ def update_leaves(
     flags: list[bool] | None = None,
     batching: Batching | None = None,
     in_place: bool = False,
+    groups: list[list[int]] | None = None,
 ) -> tuple[list[Array], dict[str, list[Array]]]:
     """The array half of a step: run ``rule.update`` over every leaf (or batched group).
 
     ``scalars_for(leaf, compute_dtype)`` gives the step's scalars cast for a leaf. Returns the
-    new params (or gradients, for a transform) and the new buffers, leaf by leaf.
+    new params (or gradients, for a transform) and the new buffers, leaf by leaf. ``groups``
+    (from :func:`leaf_groups`) may be passed by a caller that keeps them from step to step.
     """
     leaf_inputs = leaf_inputs or {}
     names = buffer_names(rule)
@@ -384,7 +386,9 @@ def update_leaves(
     pack, unpack, uxp = _packers(batching, xp)
     new_buffers: dict[str, list[Array]] = {name: [None] * len(param_leaves) for name in names}
     outputs: list[Array] = [None] * len(param_leaves)
-    for group in _leaf_groups(param_leaves, buffer_leaves, flags, batching):
+    if groups is None:
+        groups = leaf_groups(param_leaves, buffer_leaves, flags, batching)
+    for group in groups:
         first = param_leaves[group[0]]
         dtype = precision.compute_dtype(xp, first)
         s = scalars_for(first, dtype)
