@@ -394,15 +394,22 @@ def update_leaves(
         s = scalars_for(first, dtype)
 
         def gather(
-            leaves: list[Array], convert: bool = True, group: list[int] = group, dtype: Any = dtype
+            leaves: list[Array],
+            convert: bool = True,
+            uniform: bool = False,
+            group: list[int] = group,
+            dtype: Any = dtype,
         ) -> Any:
-            """The group's leaves packed into one operand, cast to the compute dtype if ``convert``."""
-            return pack([_backend.astype(xp, leaves[i], dtype) if convert else leaves[i] for i in group])
+            """The group's leaves packed into one operand, cast to the compute dtype if ``convert``
+            (``uniform``: the group shares the leaves' dtype, so the first leaf tells for all)."""
+            if not convert or (uniform and leaves[group[0]].dtype == dtype):
+                return pack([leaves[i] for i in group])
+            return pack([_backend.astype(xp, leaves[i], dtype) for i in group])
 
         g = gather(grad_leaves)
         if rule.maximize:
             g = -g
-        bufs = {name: gather(buffer_leaves[name]) for name in rule.buffers}
+        bufs = {name: gather(buffer_leaves[name], uniform=True) for name in rule.buffers}
         kwargs = {name: gather(v) for name, v in leaf_inputs.items()}
         if flags is not None:
             kwargs["selected"] = flags[group[0]]
@@ -419,16 +426,14 @@ def update_leaves(
         if store_all is not None:  # the batching writes the whole group at once
             destinations = {"": param_leaves, **buffer_leaves}
             store_all([([destinations[k][i] for i in group], v) for k, v in packed.items()])
-            for i in group:
-                outputs[i] = param_leaves[i]
-                for name in names:
-                    new_buffers[name][i] = buffer_leaves[name][i]
             continue
         results = {k: unpack(v) for k, v in packed.items()}
         for position, i in enumerate(group):
             outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
             for name in names:
                 new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)
+    if in_place and getattr(batching, "store", None) is not None:  # every value went to its leaf
+        return list(param_leaves), {name: list(buffer_leaves[name]) for name in names}
     return outputs, new_buffers
 
 
