@@ -652,6 +652,47 @@ def test_params_without_grad_are_skipped_like_torch(torch64, name: str, hparams:
             assert float(mine.state[p]["step"]) == float(reference.state[q]["step"])
 
 
+def _intervene(step: int, model: nn.Sequential, opt: torch.optim.Optimizer) -> None:
+    """What a user may do between steps, which a step must honour as torch.optim does."""
+    weight, bias = model[0].weight, model[0].bias
+    if step == 4:
+        weight.data = weight.data.clone() * 0.5  # rebinds the storage the chunks were cut from
+    if step == 7:
+        opt.state[weight]["exp_avg"] = torch.zeros_like(weight)  # a replaced buffer
+    if step == 10:
+        opt.state[bias]["step"].fill_(3.0)  # an edited step count: this param's own history now
+    if step == 13:
+        opt.state[weight]["exp_avg_sq"].mul_(0.5)  # a buffer edited in place
+    if step == 16:
+        model[2].bias.grad = None
+    if step == 19:
+        opt.state.pop(model[2].weight)  # a dropped state starts afresh
+
+
+def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch) -> None:
+    """The eager path keeps each group's step layout (chunk views, leaf groups, step counts) from
+    step to step; every edit above must still reach the step, exactly as in torch.optim."""
+    monkeypatch.setattr(ours, "CHUNK_ELEMENTS", 16)  # cut the 64-element weights into chunks
+    monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 40)
+    data = make_data(torch.float64)
+    base = make_mlp(torch.float64)
+    runs = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        runs.append((model, module.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)))
+    for step in range(25):
+        for model, opt in runs:
+            backward(model, data)
+            _intervene(step, model, opt)
+            opt.step()
+        err = error(runs[0][0], runs[1][0])
+        assert err <= TOL["float64"], f"step {step + 1}: {err:.3e}"
+    (mine_model, mine), (ref_model, ref) = runs
+    for p, q in zip(mine_model.parameters(), ref_model.parameters()):
+        assert float(mine.state[p]["step"]) == float(ref.state[q]["step"])
+        assert torch.allclose(mine.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-12, atol=0)
+
+
 def test_zero_grad() -> None:
     model, data = make_mlp(), make_data()
     opt = ours.Adam(model.parameters(), lr=1e-2)
