@@ -370,9 +370,12 @@ def store(pairs: list[tuple[list[torch.Tensor], TensorList]]) -> None:
         for index, (destination, value) in enumerate(pending):
             if not any(_reads(v, destination, value) for j, (_, v) in enumerate(pending) if j != index):
                 break
-        else:  # every destination is still read by another value: evaluate them all first
+        else:  # every destination is still read by another value (a cycle): take them all first
             for _, value in pending:
-                value.tensors  # noqa: B018
+                if value._tensors is None:
+                    value.tensors  # noqa: B018  (fresh tensors)
+                elif any(_same(value._tensors, d) for d, _ in pending):
+                    value._tensors = [t.clone() for t in value._tensors]
             index = 0
         destination, value = pending.pop(index)
         if value._tensors is not None or value.dtype != destination[0].dtype:

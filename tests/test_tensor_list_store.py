@@ -28,9 +28,10 @@ SHAPES = [(4,), (2, 3), (5,)]
 NAMES = ("p", "m", "v", "u", "g")  # leaf node i is NAMES[i]
 DESTINATIONS = ("p", "m", "v", "u")
 POSITIVE = ("v", "u")  # abs() + 0.5: valid under sqrt, as a divisor, under fractional powers
-OPS = [
-    *("wrap", "add", "sub", "mul", "div", "maximum", "minimum", "radd", "rsub", "rmul", "rdiv"),
-    *("neg", "abs", "sign", "sqrt", "exp", "pow"),
+OPS = [  # sampled uniformly: repeats weight the patterns the fused kernels handle
+    *("add", "sub", "mul", "div", "maximum", "minimum", "radd", "rsub", "rmul", "rdiv"),
+    *("neg", "abs", "sign", "sqrt", "exp", "pow", "wrap", "add", "sub", "mul"),
+    *("scaled_sum", "addcmul", "addcdiv") * 3,
 ]
 TOLERANCE = 1e-12  # relative to the error bound ``mag``: fused kernels differ by a few ulps only
 
@@ -61,6 +62,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
 #   (op, s, a)                      op in radd rsub rmul rdiv: ``s op a`` with a scalar s
 #   (op, a)                         op in neg abs sign sqrt exp
 #   ("pow", a, s)                   a ** s
+# Besides single steps the generator emits the patterns the fused kernels absorb, in either order
+# of the sum: ``a * s + b * t``, ``a +- b * c * s`` and ``a +- b / c * s``. Divisors, square roots
+# and fractional powers only take values known positive without cancellation (``_positive``).
 
 
 @dataclass
@@ -77,14 +81,11 @@ FLOATS = st.one_of(
 )
 
 
-def scalars(sign: str = "any") -> st.SearchStrategy[tuple[str, float]]:
-    """A scalar spec; ``sign`` "nonzero" or "positive" restricts its value."""
-    ints = st.integers(-3, 3)
-    floats = FLOATS
-    if sign == "nonzero":
+def scalars(nonzero: bool = False) -> st.SearchStrategy[tuple[str, float]]:
+    """A scalar spec (a divisor's is ``nonzero``)."""
+    ints, floats = st.integers(-3, 3), FLOATS
+    if nonzero:
         ints, floats = ints.filter(bool), floats.filter(lambda x: abs(x) >= 1e-3)
-    elif sign == "positive":
-        ints, floats = st.integers(1, 3), floats.filter(lambda x: x >= 1e-3)
     return st.one_of(
         st.tuples(st.just("f"), floats), st.tuples(st.just("t"), floats), st.tuples(st.just("i"), ints)
     )
@@ -94,9 +95,34 @@ def _is_scalar(arg: Any) -> bool:
     return isinstance(arg, tuple)
 
 
+def _positive(step: tuple, positive: list[bool]) -> bool:
+    """Whether a step's value is > 0 without cancellation (so a valid divisor, sqrt argument...)."""
+    op = step[0]
+    if op == "wrap":
+        return step[1] in POSITIVE
+    if op in ("sqrt", "exp"):
+        return True
+    if op in ("neg", "abs", "sign", "rsub"):
+        return False
+    if op == "pow":
+        return positive[step[1]]
+    if op in ("radd", "rmul", "rdiv"):
+        scalar, a = step[1], step[2]
+        return scalar[1] > 0 and (op == "rdiv" or positive[a])
+    a, b = step[1], step[2]
+    if op == "maximum":
+        return positive[a] or positive[b]
+    if op == "minimum":
+        return positive[a] and positive[b]
+    if _is_scalar(b):
+        return positive[a] and (b[1] < 0 if op == "sub" else b[1] > 0)
+    return positive[a] and positive[b] and op != "sub"
+
+
 @st.composite
 def programs(draw: st.DrawFn) -> Program:
     positive = [name in POSITIVE for name in NAMES]
+    steps: list[tuple] = []
 
     def node(only_positive: bool = False) -> int:
         choices = [i for i, pos in enumerate(positive) if pos or not only_positive]
@@ -104,64 +130,60 @@ def programs(draw: st.DrawFn) -> Program:
         index = draw(st.integers(0, len(choices) - 1))
         return choices[-1 - index] if recent else choices[index]
 
-    steps: list[tuple] = []
-    for _ in range(draw(st.integers(1, 8))):
+    def emit(*new: tuple) -> None:
+        for step in new:
+            steps.append(step)
+            positive.append(_positive(step, positive))
+
+    def combine(base: int, term: int) -> tuple:  # base +- term, in either written order
+        op = draw(st.sampled_from(["add", "sub"]))
+        return (op, base, term) if draw(st.booleans()) else (op, term, base)
+
+    for _ in range(draw(st.integers(1, 6))):
         op = draw(st.sampled_from(OPS))
+        k = len(positive)  # the index of the next node
         if op == "wrap":
-            name = draw(st.sampled_from(NAMES))
-            step, pos = (op, name, draw(st.booleans())), name in POSITIVE
+            emit((op, draw(st.sampled_from(NAMES)), draw(st.booleans())))
+        elif op == "scaled_sum":  # a * s + b * t: a moving average
+            emit(("mul", node(), draw(scalars())), ("mul", node(), draw(scalars())), combine(k, k + 1))
+        elif op == "addcmul":  # a +- b * c * s
+            emit(("mul", node(), node()), ("mul", k, draw(scalars())), combine(node(), k + 1))
+        elif op == "addcdiv":  # a +- b / c * s
+            emit(
+                ("div", node(), node(only_positive=True)), ("mul", k, draw(scalars())), combine(node(), k + 1)
+            )
         elif op in ("add", "sub", "mul"):
-            a = node()
-            b = node() if draw(st.booleans()) else draw(scalars())
-            if _is_scalar(b):
-                sign = {"add": 1, "sub": -1, "mul": 1}[op]
-                scalar_ok = sign * b[1] >= 0 if op != "mul" else b[1] > 0
-                pos = positive[a] and scalar_ok
-            else:
-                pos = positive[a] and positive[b] and op != "sub"
-            step = (op, a, b)
+            emit((op, node(), node() if draw(st.booleans()) else draw(scalars())))
         elif op == "div":
-            a = node()
-            b = node(only_positive=True) if draw(st.booleans()) else draw(scalars("nonzero"))
-            step, pos = (op, a, b), positive[a] and (not _is_scalar(b) or b[1] > 0)
+            emit(
+                (op, node(), node(only_positive=True) if draw(st.booleans()) else draw(scalars(nonzero=True)))
+            )
         elif op in ("maximum", "minimum"):
-            a, b = node(), node()
-            pos = positive[a] or positive[b] if op == "maximum" else positive[a] and positive[b]
-            step = (op, a, b)
+            emit((op, node(), node()))
         elif op in ("radd", "rsub", "rmul"):
-            s, a = draw(scalars()), node()
-            step, pos = (op, s, a), positive[a] and s[1] > 0 and op != "rsub"
+            emit((op, draw(scalars()), node()))
         elif op == "rdiv":
-            s, a = draw(scalars()), node(only_positive=True)
-            step, pos = (op, s, a), s[1] > 0
+            emit((op, draw(scalars()), node(only_positive=True)))
         elif op == "sqrt":
-            step, pos = (op, node(only_positive=True)), True
-        elif op == "exp":
-            step, pos = (op, node()), True
+            emit((op, node(only_positive=True)))
         elif op == "pow":
             if draw(st.booleans()):  # any base: integral exponents only
-                step, pos = (op, node(), draw(st.sampled_from([("i", 2), ("f", 2.0), ("t", 3.0)]))), False
+                emit((op, node(), draw(st.sampled_from([("i", 2), ("f", 2.0), ("t", 3.0)]))))
             else:
-                a = node(only_positive=True)
-                exponent = draw(
-                    st.tuples(st.sampled_from("fti"), st.sampled_from([0.5, -1.0, 1.5, -0.5, 2.0]))
-                )
-                if exponent[0] == "i":
-                    exponent = ("i", int(exponent[1]) if exponent[1].is_integer() else 2)
-                step, pos = (op, a, exponent), True
-        else:  # neg, abs, sign
-            step, pos = (op, node()), False
-        steps.append(step)
-        positive.append(pos)
+                exponent = draw(st.sampled_from([0.5, -1.0, 1.5, -0.5, 2.0]))
+                kind = draw(st.sampled_from("ft" if exponent != 2.0 else "fti"))
+                emit((op, node(only_positive=True), (kind, int(exponent) if kind == "i" else exponent)))
+        else:  # neg, abs, sign, exp
+            emit((op, node()))
 
     count = len(positive)
-    destinations = draw(st.permutations(DESTINATIONS))[: draw(st.integers(1, 4))]
 
     def output() -> int:
         if draw(st.integers(0, 3)) == 0:  # a leaf: a plain value that may be another destination
             return draw(st.integers(0, len(NAMES) - 1))
         return count - 1 - draw(st.integers(0, count - 1))
 
+    destinations = draw(st.permutations(DESTINATIONS))[: draw(st.integers(1, 4))]
     outputs = [(name, output(), draw(st.booleans())) for name in destinations]
     materialize = draw(st.lists(st.integers(0, count - 1), max_size=3))
     return Program(draw(st.integers(0, 2**31)), steps, outputs, materialize)
@@ -299,7 +321,8 @@ def assert_close(actual: list[torch.Tensor], node: Node, what: str) -> None:
 
 
 def _describe(program: Program, nodes: list[Node]) -> str:
-    lines = [f"t{i} = {node.text}" for i, node in enumerate(nodes) if i >= len(NAMES)]
+    lines = ["# t0-t4: TensorList(p), TensorList(m), TensorList(v), TensorList(u), TensorList(g)"]
+    lines += [f"t{i} = {node.text}" for i, node in enumerate(nodes) if i >= len(NAMES)]
     lines += [f"t{i}.tensors  # materialized first" for i in program.materialize]
     pairs = ", ".join(
         f"({name}{' [fresh list]' if fresh else ''}, t{i})" for name, i, fresh in program.outputs
@@ -341,17 +364,13 @@ def test_store_matches_the_eager_reference(program: Program) -> None:
 # ---------------------------------------------------------------- deterministic regressions
 
 
-def _lists(seed: int = 0) -> dict[str, list[torch.Tensor]]:
-    return _inputs(seed)
-
-
 def _close(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str = "") -> None:
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=lambda message: f"{what}: {message}")
 
 
 def test_adam_stores_moments_first_and_updates_the_param_without_copies(calls) -> None:
-    lists = _lists()
+    lists = _inputs(0)
     p, m, v, g = (lists[k] for k in "pmvg")
     p0, m0, v0, g0 = ([t.clone() for t in x] for x in (p, m, v, g))
     b1, b2 = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64)
@@ -373,7 +392,7 @@ def test_adam_stores_moments_first_and_updates_the_param_without_copies(calls) -
 
 @pytest.mark.parametrize("param_first", [True, False])
 def test_lion_param_update_reads_the_old_moment(calls, param_first: bool) -> None:
-    lists = _lists(1)
+    lists = _inputs(1)
     p, m, g = (lists[k] for k in "pmg")
     p0, m0, g0 = ([t.clone() for t in x] for x in (p, m, g))
     b1, b2, lr, c = 0.9, 0.99, 1e-2, 0.999
@@ -389,7 +408,7 @@ def test_lion_param_update_reads_the_old_moment(calls, param_first: bool) -> Non
 
 
 def test_moving_average_written_as_grad_first_runs_in_place(calls) -> None:
-    lists = _lists(2)
+    lists = _inputs(2)
     m, g = lists["m"], lists["g"]
     m0, g0 = [t.clone() for t in m], [t.clone() for t in g]
     ptrs = [t.data_ptr() for t in m]
@@ -400,33 +419,38 @@ def test_moving_average_written_as_grad_first_runs_in_place(calls) -> None:
     assert calls == Counter({"_foreach_mul_": 1, "_foreach_add_": 1})  # m.mul_(0.9).add_(g, alpha=0.1)
 
 
-CYCLES = {
-    # each value reads the other destination's old contents
-    "lazy p<-m+1, m<-p+1": lambda P, M: [("p", M + 1.0), ("m", P + 1.0)],
-    "lazy m<-p+1, p<-m+1": lambda P, M: [("m", P + 1.0), ("p", M + 1.0)],
-    "p<-m*2 (in-place chain elsewhere), m<-p+m": lambda P, M: [("p", M * 2.0), ("m", P + M)],
+CYCLES = {  # name: (the pairs from TensorLists P, M, V; the expected p, m, v from old p, m, v)
+    # each value reads another destination's old contents
+    "lazy p<-m+1, m<-p+1": (
+        lambda P, M, V: [("p", M + 1.0), ("m", P + 1.0)],
+        lambda p, m, v: (m + 1, p + 1, v),
+    ),
+    "lazy m<-p+1, p<-m+1": (
+        lambda P, M, V: [("m", P + 1.0), ("p", M + 1.0)],
+        lambda p, m, v: (m + 1, p + 1, v),
+    ),
+    "p<-m*2, m<-p+m": (lambda P, M, V: [("p", M * 2.0), ("m", P + M)], lambda p, m, v: (m * 2, p + m, v)),
+    "lazy rotation p<-m*2, m<-v*2, v<-p*p": (
+        lambda P, M, V: [("p", M * 2.0), ("m", V * 2.0), ("v", P * P)],
+        lambda p, m, v: (m * 2, v * 2, p * p),
+    ),
     # a plain (already evaluated) value that is another destination's old contents
-    "p<-m, m<-p (swap)": lambda P, M: [("p", M), ("m", P)],
-    "m<-p+1, p<-m": lambda P, M: [("m", P + 1.0), ("p", M)],
-    "p<-m, m<-p+1": lambda P, M: [("p", M), ("m", P + 1.0)],
-}
-CYCLE_REFERENCE = {
-    "lazy p<-m+1, m<-p+1": lambda p, m: (m + 1.0, p + 1.0),
-    "lazy m<-p+1, p<-m+1": lambda p, m: (m + 1.0, p + 1.0),
-    "p<-m*2 (in-place chain elsewhere), m<-p+m": lambda p, m: (m * 2.0, p + m),
-    "p<-m, m<-p (swap)": lambda p, m: (m, p),
-    "m<-p+1, p<-m": lambda p, m: (m, p + 1.0),
-    "p<-m, m<-p+1": lambda p, m: (m, p + 1.0),
+    "p<-m, m<-p (swap)": (lambda P, M, V: [("p", M), ("m", P)], lambda p, m, v: (m, p, v)),
+    "m<-p+1, p<-m": (lambda P, M, V: [("m", P + 1.0), ("p", M)], lambda p, m, v: (m, p + 1, v)),
+    "p<-m, m<-p+1": (lambda P, M, V: [("p", M), ("m", P + 1.0)], lambda p, m, v: (m, p + 1, v)),
+    "rotation p<-m, m<-v, v<-p": (
+        lambda P, M, V: [("p", M), ("m", V), ("v", P)],
+        lambda p, m, v: (m, v, p),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CYCLES))
 def test_values_reading_each_others_destination(case: str) -> None:
-    lists = _lists(3)
-    p, m = lists["p"], lists["m"]
-    p0, m0 = [t.clone() for t in p], [t.clone() for t in m]
-    destinations = {"p": p, "m": m}
-    store([(destinations[name], value) for name, value in CYCLES[case](TensorList(p), TensorList(m))])
-    expected = [CYCLE_REFERENCE[case](a, b) for a, b in zip(p0, m0)]
-    _close(p, [e[0] for e in expected], f"{case}: p")
-    _close(m, [e[1] for e in expected], f"{case}: m")
+    lists = _inputs(3)
+    before = {name: [t.clone() for t in lists[name]] for name in "pmv"}
+    pairs, reference = CYCLES[case]
+    store([(lists[name], value) for name, value in pairs(*(TensorList(lists[name]) for name in "pmv"))])
+    expected = [reference(*leaf) for leaf in zip(*before.values())]
+    for k, name in enumerate("pmv"):
+        _close(lists[name], [e[k] for e in expected], f"{case}: {name}")
