@@ -16,8 +16,10 @@ OneCycleLR cycling ``betas``/``momentum``) and manual edits just work.
 Two execution paths run the same rule:
 
 * eager (default): leaves of one dtype and device are packed into lists and the rule runs once
-  per group on ``torch._foreach_*`` kernels (see ``_tensor_list``) -- no compilation, no host
-  syncs, instant start;
+  per block of about a million elements on ``torch._foreach_*`` kernels (see ``_tensor_list``:
+  lazily, so products become multiply-adds and results are computed straight into the state
+  and the params) -- no compilation, no host syncs, instant start. The layout of a group's step
+  (chunk views, leaf groups, step counts) is kept while nothing it was built from changes;
 * ``compile=True``: the whole step over all parameters is compiled by ``torch.compile``
   (Inductor fuses it into a few loops writing params and state in place). Hyperparameters are
   tensors, so changing lr never recompiles. The first step pays the compilation (~10-20 s on
