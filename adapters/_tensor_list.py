@@ -104,7 +104,9 @@ class TensorList:
 
     # ------------------------------------------------------------ arithmetic
 
-    def _binary(self, kind: str, other: Operand, alpha: float = 1.0, commutative: bool = False) -> TensorList:
+    def _binary(
+        self, kind: str, other: Operand, alpha: float = 1.0, commutative: bool = False
+    ) -> TensorList | None:
         """A lazy ``kind`` of self and ``other``, or None where it must run now."""
         if not self._any().is_floating_point():
             return None

@@ -113,6 +113,7 @@ class _Subset:
     ):
         self.params, self.states, self.buffers, self.count = params, states, buffers, count
         self.layout, self.groups = layout, groups  # the eager path's chunks and leaf groups
+        self.compute_leaves: dict[Any, torch.Tensor] | None = None  # the compiled path's
         steps = [s["step"] for s in states if "step" in s]
         plain = len(steps) == len(states) and all(isinstance(t, torch.Tensor) for t in steps)
         # the step counters when they are torch.optim's float tensors (incremented in one call;
@@ -401,13 +402,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         step = engine.prepare_step(rule, core_state, XP, grads, params, {})
         caster = engine.ScalarCaster(XP, step.values)
+        steps_done = False
         if self._compile:
-            cast = {}
-            for p in params:
-                dtype = rule.precision.compute_dtype(XP, p)
-                if dtype not in cast:
-                    cast[dtype] = caster.for_leaf(p, dtype)
-            self._compiled_update(rule)(cast, params, grads, buffers)
+            if subset.compute_leaves is None:  # one param per compute dtype, for the scalar casts
+                subset.compute_leaves = {}
+                for p in params:
+                    subset.compute_leaves.setdefault(rule.precision.compute_dtype(XP, p), p)
+            cast = {dtype: caster.for_leaf(p, dtype) for dtype, p in subset.compute_leaves.items()}
+            # torch.optim's per-param step counters are incremented inside the compiled step too
+            # (not torch.optim.SGD's, which are dropped after the first step: see _keeps_step)
+            steps_done = subset.steps is not None and self._keeps_step(rule)
+            self._compiled_update(rule)(cast, params, grads, buffers, subset.steps if steps_done else [])
         else:
             layout = subset.layout
             engine.update_leaves(
@@ -422,7 +427,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 groups=subset.groups,
             )
         if subset.steps is not None:
-            if subset.steps:
+            if subset.steps and not steps_done:
                 torch._foreach_add_(subset.steps, 1)
         else:
             _increment_steps(states)
@@ -439,7 +444,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """
         if id(rule) not in self._compiled:
 
-            def update(cast: dict, params: list, grads: list, buffers: dict) -> None:
+            def update(cast: dict, params: list, grads: list, buffers: dict, steps: list) -> None:
                 outputs, new_buffers = engine.update_leaves(
                     rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers
                 )
@@ -448,6 +453,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for name, values in new_buffers.items():
                     for buffer, new in zip(buffers[name], values):
                         buffer.copy_(new)
+                for step in steps:
+                    step.add_(1)
 
             self._compiled[id(rule)] = torch.compile(update, dynamic=False)
         return self._compiled[id(rule)]
