@@ -43,7 +43,8 @@ class _Node:
     """A recorded operation on ``base``: ``kind`` names the foreach kernel family.
 
     ``add`` is ``base + alpha * other``; ``mul``, ``div``, ``pow``, ``maximum`` and ``minimum``
-    combine ``base`` with ``other``; the unary kinds (``sqrt``, ...) only use ``base``.
+    combine ``base`` with ``other``; the unary kinds (``sqrt``, ...) only use ``base``; ``full``
+    is ``other`` in the shape of ``base``.
     """
 
     __slots__ = ("alpha", "base", "kind", "other")
@@ -113,6 +114,10 @@ class TensorList:
         if isinstance(other, TensorList):
             if other.dtype != self.dtype:
                 return None  # type promotion: let torch decide, eagerly
+            if kind == "mul" and _is_ones(other) and (other._per_leaf or not self._per_leaf):
+                return self  # x * 1 is x exactly (RAdam's unrectified steps scale by ones_like)
+            if kind == "mul" and _is_ones(self) and (self._per_leaf or not other._per_leaf):
+                return other
             if self._per_leaf and not other._per_leaf:  # the full-size operand must be the base
                 if not commutative:
                     return None
@@ -196,6 +201,27 @@ def _operand(value: Operand) -> Any:
     if isinstance(value, (torch.Tensor, numbers.Number)):
         return value
     raise TypeError(f"unsupported operand for a TensorList: {type(value).__name__}")
+
+
+def _host_condition(value: Operand) -> bool | None:
+    """A condition known on the host (a bool or a CPU 0-d tensor) as a bool, else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.device.type == "cpu":
+        return bool(value)
+    return None
+
+
+def _is_ones(x: TensorList) -> bool:
+    node = x._node if x._tensors is None else None
+    return node is not None and node.kind == "full" and node.other == 1
+
+
+def _root(x: TensorList) -> TensorList:
+    """The concrete list at the start of ``x``'s chain: same shapes, dtype and device."""
+    while x._tensors is None:
+        x = x._node.base
+    return x
 
 
 def _host_scalar(value: Operand) -> float | None:
@@ -290,6 +316,12 @@ def _evaluate(node: _Node, destination: list[torch.Tensor] | None) -> list[torch
     into fresh tensors. Operands are evaluated before the base is written, so they may read the
     destination's old values; intermediate results are not kept (a shared lazy operand is
     recomputed, always from unchanged inputs)."""
+    if node.kind == "full":
+        if destination is None:
+            return [torch.full_like(t, node.other) for t in node.base.tensors]
+        for d in destination:
+            d.fill_(node.other)
+        return destination
     base, kernel, operands, kwargs = _plan(node, destination)
     values = tuple(v.tensors if isinstance(v, TensorList) else v for v in operands)
     if kernel in ("mul", "div") and isinstance(values[0], float):
@@ -438,6 +470,14 @@ class TensorListNamespace:
 
     @staticmethod
     def where(condition: Operand, a: Operand, b: Operand) -> TensorList:
+        choice = _host_condition(condition)
+        if (
+            choice is not None
+            and isinstance(a, TensorList)
+            and isinstance(b, TensorList)
+            and (a.dtype, a._per_leaf) == (b.dtype, b._per_leaf)
+        ):  # one condition for every element: pick an operand, lazily
+            return a if choice else b
         like = next(v for v in (condition, a, b) if isinstance(v, TensorList))
         return TensorList(
             [
@@ -453,15 +493,17 @@ class TensorListNamespace:
 
     @staticmethod
     def zeros_like(x: TensorList) -> TensorList:
-        return TensorList([torch.zeros_like(t) for t in x.tensors])
+        return TensorListNamespace.full_like(x, 0)
 
     @staticmethod
     def ones_like(x: TensorList) -> TensorList:
-        return TensorList([torch.ones_like(t) for t in x.tensors])
+        return TensorListNamespace.full_like(x, 1)
 
     @staticmethod
     def full_like(x: TensorList, value: float) -> TensorList:
-        return TensorList([torch.full_like(t, value) for t in x.tensors])
+        """Lazy: only shapes are needed, so ``x`` itself is not evaluated (a ``where`` may not
+        even pick this operand)."""
+        return TensorList(None, _Node("full", _root(x), value), x._per_leaf)
 
     @staticmethod
     def astype(x: TensorList, dtype: torch.dtype) -> TensorList:

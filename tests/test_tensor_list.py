@@ -126,3 +126,20 @@ def test_integer_and_tensorlist_scales_are_not_absorbed(lists) -> None:
     assert counts.dtype == torch.int64 and torch.equal(counts.tensors[0], torch.arange(4) * 2)
     per_leaf = TensorList([torch.tensor(2.0) for _ in x])  # 0-d per-leaf scales (trust ratios)
     close(TensorList(y) + TensorList(x) * per_leaf, [b + a * 2.0 for a, b in zip(x, y)])
+
+
+def test_where_with_a_host_condition_picks_an_operand_without_evaluating_the_other(lists, calls) -> None:
+    x, y, _ = lists
+    scaled = TensorList(x) * 2.0
+    for condition in (torch.tensor(True), torch.tensor(1.0) > 0, True):
+        picked = NAMESPACE.where(condition, scaled, NAMESPACE.ones_like(scaled))
+        assert picked is scaled
+    unrectified = NAMESPACE.where(torch.tensor(False), scaled, NAMESPACE.ones_like(scaled))
+    assert calls == Counter()  # nothing evaluated yet: ``ones_like`` only needs shapes
+    close(TensorList(y) * unrectified, y, ulps=0)  # y * 1 is y itself: no kernel, no ones
+    assert calls == Counter()
+    filled = NAMESPACE.full_like(TensorList(x) + TensorList(y), 0.25)
+    for t, like in zip(filled.tensors, x):
+        assert t.shape == like.shape and t.dtype == like.dtype and torch.all(t == 0.25)
+    per_element = NAMESPACE.where(TensorList(x) > 0, TensorList(x), NAMESPACE.zeros_like(TensorList(x)))
+    close(per_element, [torch.where(a > 0, a, torch.zeros_like(a)) for a in x], ulps=0)
