@@ -135,33 +135,53 @@ class TensorList:
 
     def __add__(self, other: Operand) -> TensorList:
         lazy = self._binary("add", other, commutative=True)
-        return lazy if lazy is not None else TensorList(torch._foreach_add(self.tensors, _operand(other)))
+        return (
+            lazy
+            if lazy is not None
+            else _eager(torch._foreach_add(self.tensors, _operand(other)), self, other)
+        )
 
     __radd__ = __add__
 
     def __sub__(self, other: Operand) -> TensorList:
         lazy = self._binary("add", other, alpha=-1.0)
-        return lazy if lazy is not None else TensorList(torch._foreach_sub(self.tensors, _operand(other)))
+        return (
+            lazy
+            if lazy is not None
+            else _eager(torch._foreach_sub(self.tensors, _operand(other)), self, other)
+        )
 
     def __rsub__(self, other: Operand) -> TensorList:
         return -self + other
 
     def __mul__(self, other: Operand) -> TensorList:
         lazy = self._binary("mul", other, commutative=True)
-        return lazy if lazy is not None else TensorList(torch._foreach_mul(self.tensors, _operand(other)))
+        return (
+            lazy
+            if lazy is not None
+            else _eager(torch._foreach_mul(self.tensors, _operand(other)), self, other)
+        )
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: Operand) -> TensorList:
         lazy = self._binary("div", other)
-        return lazy if lazy is not None else TensorList(torch._foreach_div(self.tensors, _operand(other)))
+        return (
+            lazy
+            if lazy is not None
+            else _eager(torch._foreach_div(self.tensors, _operand(other)), self, other)
+        )
 
     def __rtruediv__(self, other: Operand) -> TensorList:
         return self._unary("reciprocal") * other
 
     def __pow__(self, other: Operand) -> TensorList:
         lazy = self._binary("pow", other)
-        return lazy if lazy is not None else TensorList(torch._foreach_pow(self.tensors, _operand(other)))
+        return (
+            lazy
+            if lazy is not None
+            else _eager(torch._foreach_pow(self.tensors, _operand(other)), self, other)
+        )
 
     def __neg__(self) -> TensorList:
         return self._unary("neg")
@@ -170,8 +190,8 @@ class TensorList:
 
     def _elementwise(self, other: Operand, op: Callable[[Any, Any], Any]) -> TensorList:
         if isinstance(other, TensorList):
-            return TensorList([op(a, b) for a, b in zip(self.tensors, other.tensors)])
-        return TensorList([op(a, other) for a in self.tensors])
+            return _eager([op(a, b) for a, b in zip(self.tensors, other.tensors)], self, other)
+        return _eager([op(a, other) for a in self.tensors], self)
 
     def __gt__(self, other: Operand) -> TensorList:
         return self._elementwise(other, torch.gt)
@@ -192,7 +212,13 @@ class TensorList:
         return self._elementwise(other, torch.logical_or)
 
     def __invert__(self) -> TensorList:
-        return TensorList([torch.logical_not(t) for t in self.tensors])
+        return _eager([torch.logical_not(t) for t in self.tensors], self)
+
+
+def _eager(tensors: Sequence[torch.Tensor], *operands: Operand) -> TensorList:
+    """An evaluated result; per-leaf (0-d per leaf) when every list operand is."""
+    lists = [o for o in operands if isinstance(o, TensorList)]
+    return TensorList(tensors, per_leaf=bool(lists) and all(o._per_leaf for o in lists))
 
 
 def _operand(value: Operand) -> Any:
@@ -303,7 +329,12 @@ def _plan(node: _Node, destination: list[torch.Tensor] | None) -> tuple[TensorLi
         # not a product, so that the other becomes the multiply-add's product.
         base_reaches = destination is not None and _reaches(base, destination)
         other_reaches = destination is not None and _reaches(other, destination)
-        if not base_reaches and (other_reaches or (_is_product(base) and not _is_product(other))):
+        keeps_full_base = base._per_leaf or not other._per_leaf  # never a 0-d list as the base
+        if (
+            keeps_full_base
+            and not base_reaches
+            and (other_reaches or (_is_product(base) and not _is_product(other)))
+        ):
             base, other = other, base
     term = _product(other, node.alpha)
     if term[0] == "add":
@@ -412,9 +443,12 @@ def store(pairs: list[tuple[list[torch.Tensor], TensorList]]) -> None:
                     value._tensors = [t.clone() for t in value._tensors]
             index = 0
         destination, value = pending.pop(index)
-        if value._tensors is not None or value.dtype != destination[0].dtype:
-            if not _same(value.tensors, destination):
-                _copy(destination, value.tensors)
+        if value.dtype != destination[0].dtype:  # a converting copy: the value keeps its own
+            _copy(destination, value.tensors)
+            continue
+        if value._tensors is not None:
+            if not _same(value._tensors, destination):
+                _copy(destination, value._tensors)
         else:
             _evaluate(value._node, destination)
         value._tensors, value._node = destination, None
@@ -466,7 +500,7 @@ class TensorListNamespace:
             if lazy is not None:
                 return lazy
         like = a if isinstance(a, TensorList) else b
-        return TensorList([op(x, y) for x, y in zip(_tensors(a, like), _tensors(b, like))])
+        return _eager([op(x, y) for x, y in zip(_tensors(a, like), _tensors(b, like))], a, b)
 
     @staticmethod
     def where(condition: Operand, a: Operand, b: Operand) -> TensorList:
@@ -479,11 +513,14 @@ class TensorListNamespace:
         ):  # one condition for every element: pick an operand, lazily
             return a if choice else b
         like = next(v for v in (condition, a, b) if isinstance(v, TensorList))
-        return TensorList(
+        return _eager(
             [
                 torch.where(c, x, y)
                 for c, x, y in zip(_tensors(condition, like), _tensors(a, like), _tensors(b, like))
-            ]
+            ],
+            condition,
+            a,
+            b,
         )
 
     @staticmethod
@@ -507,11 +544,11 @@ class TensorListNamespace:
 
     @staticmethod
     def astype(x: TensorList, dtype: torch.dtype) -> TensorList:
-        return x if x.dtype == dtype else TensorList([t.to(dtype) for t in x.tensors])
+        return x if x.dtype == dtype else _eager([t.to(dtype) for t in x.tensors], x)
 
     @staticmethod
     def isfinite(x: TensorList) -> TensorList:
-        return TensorList([torch.isfinite(t) for t in x.tensors])
+        return _eager([torch.isfinite(t) for t in x.tensors], x)
 
 
 NAMESPACE = TensorListNamespace()

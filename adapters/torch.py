@@ -126,11 +126,12 @@ class _Subset:
 class _Plan:
     """A param group's step laid out once and reused while nothing it was built from changes.
 
-    :meth:`matches` checks that, in O(params) identity comparisons each step: the same params
-    have gradients; their data pointers are unchanged (``p.data = ...`` would leave the chunk
-    views on the old storage); each state holds the same buffers, ``step`` and running scalars;
-    and the version counters of those last show that only this optimizer changed them (so the
-    step counts it keeps are still the states' own).
+    :meth:`matches` checks that, in O(params) comparisons each step: the same params have
+    gradients; they and their state buffers keep their data pointers (``x.data = ...`` would
+    leave the chunk views on the old storage), and chunked ones their strides; each param has
+    the same state dict holding the same buffers, ``step`` and running scalars; the version
+    counters of those last show that only this optimizer changed them, and (one batched host
+    read per subset) the step counters still hold the count the plan keeps.
     """
 
     def __init__(
@@ -141,13 +142,27 @@ class _Plan:
         states: list[dict[str, Any]],
         subsets: list[_Subset],
     ):
-        self.group, self.rule, self.params, self.subsets = group, rule, params, subsets
-        self.pointers = (
-            [p.data_ptr() for p in params] if all(type(p) in _PLAIN_TENSORS for p in params) else []
-        )
+        self.group, self.rule, self.params, self.states, self.subsets = group, rule, params, states, subsets
         self.buffers = {name: [s[name] for s in states] for name in engine.buffer_names(rule)}
+        self.cacheable = all(type(p) in _PLAIN_TENSORS for p in params)  # DTensor: no data pointer
+        if self.cacheable:
+            self.pointers = self._pointers()
+            self.chunked = [
+                t
+                for subset in subsets
+                if subset.layout is not None
+                for i, spans in enumerate(subset.layout.spans)
+                if spans is not None
+                for t in (subset.params[i], *(buffers[i] for buffers in subset.buffers.values()))
+            ]
+            self.strides = [t.stride() for t in self.chunked]
         self.history_keys = ("step", *rule.scalars)
         self.record_history(states)
+
+    def _pointers(self) -> list[int]:
+        return [t.data_ptr() for t in self.params] + [
+            t.data_ptr() for buffers in self.buffers.values() for t in buffers
+        ]
 
     def record_history(self, states: list[dict[str, Any]]) -> None:
         """Remember the step counters and running scalars as this step left them."""
@@ -159,16 +174,24 @@ class _Plan:
     ) -> bool:
         if self.group is not group or self.rule is not rule or len(params) != len(self.params):
             return False
-        if not all(map(operator.is_, params, self.params)):
-            return False
-        if [p.data_ptr() for p in params] != self.pointers:
+        if not all(map(operator.is_, params, self.params)) or not all(map(operator.is_, states, self.states)):
             return False
         for name, buffers in self.buffers.items():
             if not all(map(operator.is_, [s.get(name) for s in states], buffers)):
                 return False
+        if self._pointers() != self.pointers or [t.stride() for t in self.chunked] != self.strides:
+            return False
         for key, values in self.history.items():
             current = [s.get(key) for s in states]
             if not all(map(operator.is_, current, values)) or _versions(current) != self.versions[key]:
+                return False
+        for subset in self.subsets:  # an edit through ``.data`` leaves the version counter alone
+            steps = subset.steps  # (CPU tensors in torch.optim's format: read without a sync)
+            if (
+                steps
+                and steps[0].device.type == "cpu"
+                and not bool((torch.stack(steps) == subset.count).all())
+            ):
                 return False
         return True
 
@@ -366,7 +389,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             count = _step_count(member_states[0])
             subsets.append(_Subset(members, member_states, buffers, count, layout, groups))
         plan = _Plan(group, rule, params, states, subsets)
-        if all(type(p) in _PLAIN_TENSORS for p in params):  # DTensor has no data pointer to check
+        if plan.cacheable:
             self._plans[id(group)] = plan
         return plan
 

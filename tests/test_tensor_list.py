@@ -143,3 +143,17 @@ def test_where_with_a_host_condition_picks_an_operand_without_evaluating_the_oth
         assert t.shape == like.shape and t.dtype == like.dtype and torch.all(t == 0.25)
     per_element = NAMESPACE.where(TensorList(x) > 0, TensorList(x), NAMESPACE.zeros_like(TensorList(x)))
     close(per_element, [torch.where(a > 0, a, torch.zeros_like(a)) for a in x], ulps=0)
+
+
+def test_per_leaf_scalars_never_become_the_base_of_a_full_size_chain(lists) -> None:
+    """A per-leaf reduction (one 0-d tensor per leaf) broadcasts against its leaf whichever side
+    of the operation it is on, and through eager results (comparisons, ``where``) too."""
+    x, _, z = lists
+    norms = NAMESPACE.sum(TensorList(z))
+    expected = [a * a + c.sum().sqrt() for a, c in zip(x, z)]
+    close(TensorList(x) * TensorList(x) + NAMESPACE.sqrt(NAMESPACE.sum(TensorList(z))), expected)
+    close(
+        -NAMESPACE.sum(TensorList(z)) + TensorList(x) * TensorList(x), [a * a - c.sum() for a, c in zip(x, z)]
+    )
+    ratio = NAMESPACE.where(norms > 0, norms, NAMESPACE.ones_like(norms))
+    close((ratio * 2.0) * TensorList(x), [c.sum() * 2.0 * a for a, c in zip(x, z)])

@@ -667,11 +667,20 @@ def _intervene(step: int, model: nn.Sequential, opt: torch.optim.Optimizer) -> N
         model[2].bias.grad = None
     if step == 19:
         opt.state.pop(model[2].weight)  # a dropped state starts afresh
+    if step == 21:
+        opt.state[weight] = dict(opt.state[weight])  # a new state dict holding the same tensors
+    if step == 23:
+        state = opt.state[weight]
+        state["exp_avg"].data = state["exp_avg"].data.clone()  # the buffer's storage rebound
+    if step == 26:
+        opt.state[bias]["step"].data.fill_(2.0)  # through ``.data``: no version counter bump
 
 
-def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch) -> None:
+@pytest.mark.parametrize("name", ["AdamW", "NAdam"])
+def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch, name: str) -> None:
     """The eager path keeps each group's step layout (chunk views, leaf groups, step counts) from
-    step to step; every edit above must still reach the step, exactly as in torch.optim."""
+    step to step; every edit above must still reach the step, exactly as in torch.optim (NAdam
+    also keeps a running scalar per param)."""
     monkeypatch.setattr(ours, "CHUNK_ELEMENTS", 16)  # cut the 64-element weights into chunks
     monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 40)
     data = make_data(torch.float64)
@@ -679,8 +688,8 @@ def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch) 
     runs = []
     for module in (ours, torch.optim):
         model = copy.deepcopy(base)
-        runs.append((model, module.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)))
-    for step in range(25):
+        runs.append((model, getattr(module, name)(model.parameters(), lr=1e-2, weight_decay=1e-2)))
+    for step in range(30):
         for model, opt in runs:
             backward(model, data)
             _intervene(step, model, opt)
