@@ -6,6 +6,8 @@ runs. JAX runs with x64 enabled so float64 cases are float64 there too.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,20 @@ def torch64():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261128)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts the ``torch._foreach_*`` kernels launched (the torch adapter's TensorList)."""
+    torch = _require("torch").module
+    counter: Counter = Counter()
+    for name in dir(torch):
+        if name.startswith("_foreach_"):
+            original = getattr(torch, name)
+
+            def counted(*args, __name=name, __original=original, **kwargs):
+                counter[__name] += 1
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, counted)
+    return counter

@@ -22,22 +22,6 @@ def lists() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
     return make(), make(), [t.abs() + 0.5 for t in make()]
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts the foreach kernels TensorList launches."""
-    counter: Counter = Counter()
-    for name in dir(torch):
-        if name.startswith("_foreach_"):
-            original = getattr(torch, name)
-
-            def counted(*args, __name=name, __original=original, **kwargs):
-                counter[__name] += 1
-                return __original(*args, **kwargs)
-
-            monkeypatch.setattr(torch, name, counted)
-    return counter
-
-
 def close(actual: TensorList, expected: list[torch.Tensor], ulps: float = 4) -> None:
     for a, e in zip(actual.tensors, expected, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype

@@ -36,22 +36,6 @@ OPS = [  # sampled uniformly: repeats weight the patterns the fused kernels hand
 TOLERANCE = 1e-12  # relative to the error bound ``mag``: fused kernels differ by a few ulps only
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
-    """Counts the foreach kernels TensorList launches."""
-    counter: Counter = Counter()
-    for name in dir(torch):
-        if name.startswith("_foreach_"):
-            original = getattr(torch, name)
-
-            def counted(*args, __name=name, __original=original, **kwargs):
-                counter[__name] += 1
-                return __original(*args, **kwargs)
-
-            monkeypatch.setattr(torch, name, counted)
-    return counter
-
-
 # ---------------------------------------------------------------- random programs
 
 # A program is plain data (so hypothesis prints and shrinks it): steps in SSA form over node
