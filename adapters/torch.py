@@ -121,6 +121,9 @@ class _Subset:
         self.steps: list[torch.Tensor] | None = (
             steps if plain and all(t.is_floating_point() for t in steps) else None
         )
+        # the 1-D tensor whose elements these counters are, in order (see _shared_counters):
+        # one add increments them all, one comparison reads them all
+        self.counters = _counters_base(self.steps) if self.steps else None
 
 
 class _Plan:
@@ -160,9 +163,10 @@ class _Plan:
         self.record_history(states)
 
     def _pointers(self) -> list[int]:
-        return [t.data_ptr() for t in self.params] + [
-            t.data_ptr() for buffers in self.buffers.values() for t in buffers
-        ]
+        tensors = [*self.params, *(t for buffers in self.buffers.values() for t in buffers)]
+        # counters read and incremented through their shared base must still be its elements
+        tensors += [t for subset in self.subsets if subset.counters is not None for t in subset.steps]
+        return list(map(torch.Tensor.data_ptr, tensors))
 
     def record_history(self, states: list[dict[str, Any]]) -> None:
         """Remember the step counters and running scalars as this step left them."""
@@ -187,11 +191,10 @@ class _Plan:
                 return False
         for subset in self.subsets:  # an edit through ``.data`` leaves the version counter alone
             steps = subset.steps  # (CPU tensors in torch.optim's format: read without a sync)
-            if (
-                steps
-                and steps[0].device.type == "cpu"
-                and not bool((torch.stack(steps) == subset.count).all())
-            ):
+            if not steps or steps[0].device.type != "cpu":
+                continue
+            values = subset.counters if subset.counters is not None else torch.stack(steps)
+            if not bool((values == subset.count).all()):
                 return False
         return True
 
@@ -369,9 +372,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
     ) -> _Plan:
         """Initialise missing state and lay the group's step out (kept while it matches)."""
-        for p, s in zip(params, states):
-            if not s:
-                s.update(_initial_param_state(rule, p))
+        fresh = [(p, s) for p, s in zip(params, states) if not s]
+        for (p, s), step in zip(fresh, _shared_counters([0.0] * len(fresh), torch.get_default_dtype())):
+            s.update(_initial_param_state(rule, p, step))
         names = engine.buffer_names(rule)
         subsets = []
         for members in _by_history(params, self.state, rule):
@@ -403,6 +406,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16)."""
         super().load_state_dict(state_dict)
         self._plans.clear()
+        for group in self.param_groups:  # torch.optim loads one tensor per counter
+            states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
+            steps = [s["step"] for s in states]
+            if steps and all(_is_host_counter(t) and t.dtype == steps[0].dtype for t in steps):
+                for s, step in zip(states, _shared_counters(torch.stack(steps).tolist(), steps[0].dtype)):
+                    s["step"] = step
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             if group.get("state_dtype") is None and group.get("compensation") is None:
@@ -435,7 +444,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             # torch.optim's per-param step counters are incremented inside the compiled step too
             # (not torch.optim.SGD's, which are dropped after the first step: see _keeps_step)
             steps_done = subset.steps is not None and self._keeps_step(rule)
-            self._compiled_update(rule)(cast, params, grads, buffers, subset.steps if steps_done else [])
+            counters = [subset.counters] if subset.counters is not None else subset.steps
+            self._compiled_update(rule)(cast, params, grads, buffers, counters if steps_done else [])
         else:
             layout = subset.layout
             engine.update_leaves(
@@ -450,7 +460,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 groups=subset.groups,
             )
         if subset.steps is not None:
-            if subset.steps and not steps_done:
+            if subset.counters is not None and not steps_done:
+                subset.counters.add_(1)
+            elif subset.steps and not steps_done:
                 torch._foreach_add_(subset.steps, 1)
         else:
             _increment_steps(states)
@@ -516,12 +528,12 @@ def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dty
     return entry[0]
 
 
-def _initial_param_state(rule: engine.Rule, p: torch.Tensor) -> dict[str, Any]:
+def _initial_param_state(rule: engine.Rule, p: torch.Tensor, step: torch.Tensor) -> dict[str, Any]:
     """torch-style per-parameter state: ``step`` (a CPU float tensor, as torch keeps it) + buffers."""
     state = engine.init_rule_state(rule, [p.detach()])
     # ``step`` in torch.optim's _get_scalar_dtype(); running scalars (NAdam's mu_product) keep the
     # core's float64, which is more precise than torch's default-dtype copy and loads either way.
-    per_param = {"step": torch.tensor(0.0, dtype=torch.get_default_dtype())}
+    per_param = {"step": step}
     for name, leaves in state.buffers.items():
         per_param[name] = leaves[0]
     per_param.update(state.scalars)
@@ -542,6 +554,35 @@ def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor
     else:
         want = precision.storage_dtype(XP, p)
     return buffer if buffer.dtype == want else buffer.to(want)
+
+
+def _shared_counters(values: list[float], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Step counters as torch.optim keeps them (0-d CPU float tensors, one per param) that are
+    the elements of one 1-D tensor, so a step increments and checks a group's in one call each
+    instead of one kernel per param. Each is still its own tensor to torch (``state_dict``,
+    ``torch.save``, torch.optim loading it); writes to one never reach another."""
+    return list(torch.tensor(values, dtype=dtype).unbind()) if values else []
+
+
+def _is_host_counter(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 0 and t.device.type == "cpu" and t.is_floating_point()
+
+
+def _counters_base(steps: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D tensor whose elements ``steps`` are, in order (from :func:`_shared_counters`)."""
+    base = steps[0]._base
+    if (
+        base is None
+        or base.ndim != 1
+        or base.shape[0] != len(steps)
+        or base.stride(0) != 1
+        or not all(_is_host_counter(t) and t._base is base for t in steps)
+    ):
+        return None
+    size, pointer = base.element_size(), base.data_ptr()
+    if [t.data_ptr() for t in steps] != [pointer + i * size for i in range(len(steps))]:
+        return None
+    return base
 
 
 def _increment_steps(states: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import itertools
 import os
 import socket
 import time
@@ -391,18 +392,29 @@ def test_checkpoint_state_keys_match_torch(torch64, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
 def test_state_tensors_are_each_params_own(torch64, name: str) -> None:
-    """torch.optim updates loaded state in place (``mu_product *= mu``, ``step += 1``): a tensor
-    shared by several params (torch.save keeps the sharing) would be updated once per param."""
+    """torch.optim updates loaded state in place (``mu_product *= mu``, ``step += 1``): memory
+    shared by several params (torch.save keeps the sharing) would be updated once per param.
+    (The step counters are elements of one tensor, so they share a storage but no memory.)"""
     run = Run(ours, name, make_mlp(torch.float64)).train(3)
     for state in (
         {i: dict(run.opt.state[p]) for i, p in enumerate(run.model.parameters())},
         run.checkpoint()["optimizer"]["state"],
     ):
-        owners: dict[int, str] = {}
-        for i, entries in state.items():
+        spans = sorted(
+            (value.data_ptr(), value.data_ptr() + value.numel() * value.element_size(), f"param {i} {key!r}")
+            for i, entries in state.items()
+            for key, value in entries.items()
+        )
+        for (_, end, where), (start, _, other) in itertools.pairwise(spans):
+            assert end <= start, f"{name}: {other} overlaps {where}'s memory"
+        torch.save(state, buffer := io.BytesIO())
+        loaded = torch.load(io.BytesIO(buffer.getvalue()))
+        for entries in loaded.values():  # as torch.optim increments loaded counters, in place
+            for value in entries.values():
+                value.add_(1)
+        for i, entries in loaded.items():
             for key, value in entries.items():
-                where = owners.setdefault(value.untyped_storage().data_ptr(), f"param {i} {key!r}")
-                assert where == f"param {i} {key!r}", f"{name}: param {i} {key!r} shares {where}'s tensor"
+                assert torch.equal(value, state[i][key] + 1), f"{name}: param {i} {key!r}"
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
@@ -418,7 +430,11 @@ def test_checkpoint_of_ours_resumes_in_torch_optim(torch64, name: str) -> None:
 def test_checkpoint_of_torch_optim_resumes_in_ours(torch64, name: str) -> None:
     uninterrupted = Run(torch.optim, name, make_mlp(torch.float64)).train(STEPS)
     checkpoint = Run(torch.optim, name, make_mlp(torch.float64)).train(RESUME_AT).checkpoint()
-    resumed = Run.resume(ours, name, checkpoint).train(STEPS - RESUME_AT)
+    resumed = Run.resume(ours, name, checkpoint)
+    if name != "SGD":  # torch.optim's one tensor per counter become elements of one per group
+        for group in resumed.opt.param_groups:
+            assert ours._counters_base([resumed.opt.state[p]["step"] for p in group["params"]]) is not None
+    resumed.train(STEPS - RESUME_AT)
     err = error(resumed.model, uninterrupted.model)
     assert err <= TOL["float64"], f"{name}: ours resumed from torch.optim differs by {err:.3e}"
 
@@ -700,6 +716,38 @@ def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch, 
     for p, q in zip(mine_model.parameters(), ref_model.parameters()):
         assert float(mine.state[p]["step"]) == float(ref.state[q]["step"])
         assert torch.allclose(mine.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-12, atol=0)
+
+
+COUNTER_EDITS = {
+    # its storage rebound (same value): no longer an element of the counters' shared tensor
+    "rebound": lambda step: setattr(step, "data", step.data.clone()),
+    "through .data": lambda step: step.data.fill_(1.0),  # no version counter bump
+    "in place": lambda step: step.fill_(1.0),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(COUNTER_EDITS))
+def test_step_counter_edits_reach_the_step_like_torch(torch64, edit: str) -> None:
+    """A group's step counters are elements of one tensor, incremented and checked in one call
+    each; an edit of one of them (the first made in the run) must still reach the step."""
+    data = make_data(torch.float64)
+    base = make_mlp(torch.float64)
+    runs = []
+    for module in (ours, torch.optim):
+        model = copy.deepcopy(base)
+        runs.append((model, module.Adam(model.parameters(), lr=1e-2)))
+    for step in range(8):
+        for model, opt in runs:
+            backward(model, data)
+            if step == 3:
+                COUNTER_EDITS[edit](opt.state[model[2].bias]["step"])
+            opt.step()
+        assert error(runs[0][0], runs[1][0]) <= TOL["float64"], f"step {step + 1}"
+        if step == 2:  # the path under test
+            steps = [runs[0][1].state[p]["step"] for p in runs[0][0].parameters()]
+            assert ours._counters_base(steps) is not None
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert float(runs[0][1].state[p]["step"]) == float(runs[1][1].state[q]["step"])
 
 
 def test_zero_grad() -> None:
