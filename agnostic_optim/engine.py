@@ -404,7 +404,10 @@ def update_leaves(
             (``uniform``: the group shares the leaves' dtype, so the first leaf tells for all)."""
             if not convert or (uniform and leaves[group[0]].dtype == dtype):
                 return pack([leaves[i] for i in group])
-            return pack([_backend.astype(xp, leaves[i], dtype) for i in group])
+            selected = [leaves[i] for i in group]
+            if all(leaf.dtype == dtype for leaf in selected):  # (cheaper than a cast call per leaf)
+                return pack(selected)
+            return pack([_backend.astype(xp, leaf, dtype) for leaf in selected])
 
         g = gather(grad_leaves)
         if rule.maximize:
