@@ -31,7 +31,9 @@ Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 import operator
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -71,6 +73,7 @@ __all__ = [
 # torch.optim constructor flags that change how torch runs, not what it computes.
 _TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 _PRECISION_OPTIONS = ("state_dtype", "compensation")
+_GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
 
 
 class _ForeachBatching:
@@ -163,9 +166,9 @@ class _Plan:
         self.record_history(states)
 
     def _pointers(self) -> list[int]:
-        tensors = [*self.params, *(t for buffers in self.buffers.values() for t in buffers)]
         # counters read and incremented through their shared base must still be its elements
-        tensors += [t for subset in self.subsets if subset.counters is not None for t in subset.steps]
+        counters = [subset.steps for subset in self.subsets if subset.counters is not None]
+        tensors = itertools.chain(self.params, *self.buffers.values(), *counters)
         return list(map(torch.Tensor.data_ptr, tensors))
 
     def record_history(self, states: list[dict[str, Any]]) -> None:
@@ -215,11 +218,14 @@ def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[...
 
 
 def _factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
-    return {
-        name: p.default
-        for name, p in inspect.signature(factory).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+    return dict(_default_items(factory))
+
+
+@functools.cache
+def _default_items(factory: Callable[..., Any]) -> tuple[tuple[str, Any], ...]:
+    """The factory's keyword arguments and defaults (read once: every step looks them up)."""
+    parameters = inspect.signature(factory).parameters.items()
+    return tuple((name, p.default) for name, p in parameters if p.default is not inspect.Parameter.empty)
 
 
 def _structure_key(options: dict[str, Any]) -> tuple:
@@ -292,8 +298,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- building the core rule
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
-        names = _factory_defaults(self._factory)
-        return {name: group.get(name, default) for name, default in names.items()}
+        return {name: group.get(name, default) for name, default in _default_items(self._factory)}
 
     def _optimizer_for(self, group: dict[str, Any]) -> ao.Optimizer:
         options = self._options(group)
@@ -348,7 +353,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
+            if any(map(_IS_SPARSE, map(_GRAD, params))):
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients; "
                     "use torch.optim.SparseAdam or densify the gradient"
@@ -356,15 +361,16 @@ class TorchOptimizer(torch.optim.Optimizer):
             rule = self._optimizer_for(group).rule
             states = [self.state[p] for p in params]
             plan = self._plans.get(id(group))
-            if plan is None or not plan.matches(group, rule, params, states):
+            rebuilt = plan is None or not plan.matches(group, rule, params, states)
+            if rebuilt:
                 plan = self._plan(group, rule, params, states)
             for subset in plan.subsets:
                 self._step_subset(group, rule, subset)
-            if not self._keeps_step(rule):
+            if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
                 for s in states:
                     s.pop("step", None)
                 for subset in plan.subsets:
-                    subset.steps = []
+                    subset.steps, subset.counters = [], None
             plan.record_history(states)
         return loss
 
@@ -431,7 +437,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
         }
         core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
-        grads = [p.grad for p in params]
+        grads = list(map(_GRAD, params))
         step = engine.prepare_step(rule, core_state, XP, grads, params, {})
         caster = engine.ScalarCaster(XP, step.values)
         steps_done = False

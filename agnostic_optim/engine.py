@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
@@ -23,6 +24,7 @@ from agnostic_optim.precision import Compensation, Precision
 
 PyTree = Any
 Array = Any
+_DTYPE = operator.attrgetter("dtype")
 
 
 class OptimizerState(NamedTuple):
@@ -405,7 +407,7 @@ def update_leaves(
             if not convert or (uniform and leaves[group[0]].dtype == dtype):
                 return pack([leaves[i] for i in group])
             selected = [leaves[i] for i in group]
-            if all(leaf.dtype == dtype for leaf in selected):  # (cheaper than a cast call per leaf)
+            if all(map(operator.eq, map(_DTYPE, selected), itertools.repeat(dtype))):  # one C loop
                 return pack(selected)
             return pack([_backend.astype(xp, leaf, dtype) for leaf in selected])
 

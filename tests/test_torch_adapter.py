@@ -511,6 +511,8 @@ def test_compiled_path_agrees_with_eager_and_trains(name: str) -> None:
             at_10 = [p.detach().clone() for p in model.parameters()]
             losses += train(opt, model, data, TRAIN_STEPS - 10, scheduler)
         runs[compiled] = (at_10, losses, F.mse_loss(model(data[0]), data[1]).item())
+        if name != "sgd":  # the counters are incremented inside the compiled step
+            assert [float(opt.state[p]["step"]) for p in model.parameters()] == [TRAIN_STEPS] * 4
     err = relative_error(flat(runs[True][0]), flat(runs[False][0]))
     assert err <= 1e-5, f"{name}: compiled vs eager after 10 steps: {err:.3e}"
     initial, final = runs[True][1][0], runs[True][2]
