@@ -505,7 +505,12 @@ def test_compiled_path_agrees_with_eager_and_trains(name: str) -> None:
         model = make_mlp()
         opt = ours.CLASS_FOR_FACTORY[name](model.parameters(), compile=compiled, **TRAIN_HPARAMS[name])
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+        torch._dynamo.utils.counters.clear()
         losses = train(opt, model, data, 1, scheduler)  # the compiled path compiles here
+        # one graph: a break would compile the rule per leaf (and fall back to eager past the
+        # recompile limit), which still gives the right numbers but none of the speed
+        breaks = torch._dynamo.utils.counters["graph_break"]
+        assert not breaks, f"{name}: graph breaks in the compiled step: {dict(breaks)}"
         with torch._dynamo.config.patch(error_on_recompile=True):
             losses += train(opt, model, data, 9, scheduler)
             at_10 = [p.detach().clone() for p in model.parameters()]
