@@ -31,7 +31,6 @@ Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import operator
@@ -218,14 +217,8 @@ def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[...
 
 
 def _factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
-    return dict(_default_items(factory))
-
-
-@functools.cache
-def _default_items(factory: Callable[..., Any]) -> tuple[tuple[str, Any], ...]:
-    """The factory's keyword arguments and defaults (read once: every step looks them up)."""
     parameters = inspect.signature(factory).parameters.items()
-    return tuple((name, p.default) for name, p in parameters if p.default is not inspect.Parameter.empty)
+    return {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _structure_key(options: dict[str, Any]) -> tuple:
@@ -271,6 +264,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     ):
         self._factory = _resolve_factory(factory)
         defaults = _factory_defaults(self._factory)
+        self._factory_options = tuple(defaults.items())  # (read every step: kept, not re-inspected)
         for flag in _TORCH_EXECUTION_FLAGS:
             hparams.pop(flag, None)
         if hparams.pop("differentiable", False):
@@ -295,10 +289,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._optimizer_for(group)  # validate every group's hyperparameters now
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_factory": self._factory, "_compile": self._compile}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, compiled steps, plans."""
+        super().__setstate__(state)
+        self._factory_options = tuple(_factory_defaults(self._factory).items())
+        self._rules, self._compiled, self._hparam_tensors, self._plans = {}, {}, {}, {}
+
     # ---------------------------------------------------------------- building the core rule
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {name: group.get(name, default) for name, default in _default_items(self._factory)}
+        return {name: group.get(name, default) for name, default in self._factory_options}
 
     def _optimizer_for(self, group: dict[str, Any]) -> ao.Optimizer:
         options = self._options(group)
@@ -371,6 +374,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     s.pop("step", None)
                 for subset in plan.subsets:
                     subset.steps, subset.counters = [], None
+                if plan.cacheable:
+                    plan.pointers = plan._pointers()  # without the dropped counters
             plan.record_history(states)
         return loss
 
@@ -379,7 +384,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     ) -> _Plan:
         """Initialise missing state and lay the group's step out (kept while it matches)."""
         fresh = [(p, s) for p, s in zip(params, states) if not s]
-        for (p, s), step in zip(fresh, _shared_counters([0.0] * len(fresh), torch.get_default_dtype())):
+        for (p, s), step in zip(fresh, _shared_counters([0.0] * len(fresh))):
             s.update(_initial_param_state(rule, p, step))
         names = engine.buffer_names(rule)
         subsets = []
@@ -407,16 +412,34 @@ class TorchOptimizer(torch.optim.Optimizer):
         is present from the second step on); ours does the same unless a schedule needs the count."""
         return not self._implicit_step or bool(rule.scalars) or any(map(is_scheduled, rule.hparams.values()))
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, with each ``step`` counter its own tensor: the state's are
+        elements of one shared tensor, which ``pickle`` would copy whole for every param
+        (``torch.distributed``'s object collectives pickle). Other tensors are the live state,
+        as in torch.optim."""
+        packed = super().state_dict()
+        for index, entries in packed["state"].items():
+            step = entries.get("step")
+            if isinstance(step, torch.Tensor) and step._base is not None:
+                packed["state"][index] = {**entries, "step": step.clone()}
+        return packed
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``; in groups with a ``state_dtype`` or compensation the
-        floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16)."""
+        floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16).
+
+        The ``step`` counters' values are copied into the group's shared counter tensor (see
+        :func:`_shared_counters`): unlike torch.optim, the optimizer does not keep the given
+        dict's counter tensors, so a dict loaded in memory and still stepped elsewhere does not
+        advance this optimizer's counts. Every other tensor is taken as torch.optim takes it."""
         super().load_state_dict(state_dict)
         self._plans.clear()
-        for group in self.param_groups:  # torch.optim loads one tensor per counter
+        for group in self.param_groups:  # the loaded counters' values move into one shared tensor
             states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
             steps = [s["step"] for s in states]
             if steps and all(_is_host_counter(t) and t.dtype == steps[0].dtype for t in steps):
-                for s, step in zip(states, _shared_counters(torch.stack(steps).tolist(), steps[0].dtype)):
+                values = torch.stack(steps).tolist()
+                for s, step in zip(states, _shared_counters(values, steps[0].dtype, steps[0].device)):
                     s["step"] = step
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
@@ -562,12 +585,22 @@ def _storage(rule: engine.Rule, p: torch.Tensor, name: str, buffer: torch.Tensor
     return buffer if buffer.dtype == want else buffer.to(want)
 
 
-def _shared_counters(values: list[float], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Step counters as torch.optim keeps them (0-d CPU float tensors, one per param) that are
-    the elements of one 1-D tensor, so a step increments and checks a group's in one call each
-    instead of one kernel per param. Each is still its own tensor to torch (``state_dict``,
-    ``torch.save``, torch.optim loading it); writes to one never reach another."""
-    return list(torch.tensor(values, dtype=dtype).unbind()) if values else []
+def _step_dtype() -> torch.dtype:
+    """torch.optim's ``_get_scalar_dtype()``: float64 under a float64 default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _shared_counters(
+    values: list[float], dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> list[torch.Tensor]:
+    """Step counters as torch.optim keeps them (0-d float tensors, one per param) that are the
+    elements of one 1-D tensor, so a step increments and checks a group's in one call each
+    instead of one kernel per param. Each is still its own tensor to torch (``torch.save``,
+    torch.optim loading it); writes to one never reach another. Fresh ones follow the default
+    device, as torch.optim's do."""
+    if not values:
+        return []
+    return list(torch.tensor(values, dtype=dtype or _step_dtype(), device=device).unbind())
 
 
 def _is_host_counter(t: Any) -> bool:
@@ -600,7 +633,7 @@ def _increment_steps(states: list[dict[str, Any]]) -> None:
             torch._foreach_add_(steps, 1)
         return
     for s in states:  # an older checkpoint's step: a number or an integer tensor
-        s["step"] = torch.tensor(_step_count(s) + 1.0, dtype=torch.get_default_dtype())
+        s["step"] = torch.tensor(_step_count(s) + 1.0, dtype=_step_dtype())
 
 
 def _step_count(state: dict[str, Any]) -> int:

@@ -757,6 +757,85 @@ def test_step_counter_edits_reach_the_step_like_torch(torch64, edit: str) -> Non
         assert float(runs[0][1].state[p]["step"]) == float(runs[1][1].state[q]["step"])
 
 
+@pytest.mark.parametrize("hparams", [dict(lr=0.1), dict(lr=0.1, momentum=0.9)], ids=["plain", "momentum"])
+def test_sgd_keeps_its_step_plan(monkeypatch, hparams: dict[str, float]) -> None:
+    """torch.optim.SGD keeps no ``step``; ours drops its counters after the first step, and the
+    plan must then still match (rebuilding it every step cost 12x in time)."""
+    built = []
+    original = ours.SGD._plan
+    monkeypatch.setattr(ours.SGD, "_plan", lambda self, *a: built.append(1) or original(self, *a))
+    model, data = make_mlp(), make_data()
+    opt = ours.SGD(model.parameters(), **hparams)
+    train(opt, model, data, 6)
+    assert len(built) == 1
+    assert all("step" not in s for s in opt.state.values())
+
+
+def test_state_dict_counters_pickle_like_torch_optim() -> None:
+    """The live counters share one tensor; the state dict's must not (plain pickle, which
+    torch.distributed's object collectives use, would copy the shared tensor per counter)."""
+    import pickle
+
+    sizes = {}
+    for module in (ours, torch.optim):
+        params = [torch.zeros(2, requires_grad=True) for _ in range(300)]
+        opt = module.Adam(params, lr=1e-3)
+        for p in params:
+            p.grad = torch.ones(2)
+        opt.step()
+        sizes[module.__name__] = len(pickle.dumps(opt.state_dict()))
+        assert all(float(s["step"]) == 1.0 for s in opt.state_dict()["state"].values())
+    assert sizes[ours.__name__] <= 1.2 * sizes[torch.optim.__name__], sizes
+
+
+def test_deepcopy_of_the_optimizer_continues_like_the_original() -> None:
+    data = make_data(torch.float64)
+    model = make_mlp(torch.float64)
+    opt = ours.NAdam(model.parameters(), lr=1e-2)
+    train(opt, model, data, 3)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    train(opt, model, data, 3)
+    train(opt_copy, model_copy, data, 3)
+    assert error(model, model_copy) == 0.0
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        assert float(opt.state[p]["step"]) == float(opt_copy.state[q]["step"]) == 6.0
+
+
+def test_step_counters_have_torch_optims_dtype_under_a_16_bit_default() -> None:
+    """torch.optim counts in float32 unless the default dtype is float64 (a bf16 counter would
+    stop at 256)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        dtypes = {}
+        for module in (ours, torch.optim):
+            p = torch.zeros(3, dtype=torch.float32, requires_grad=True)
+            opt = module.Adam([p], lr=1e-3)
+            for _ in range(300):
+                p.grad = torch.ones(3, dtype=torch.float32)
+                opt.step()
+            dtypes[module.__name__] = (opt.state[p]["step"].dtype, float(opt.state[p]["step"]))
+    finally:
+        torch.set_default_dtype(previous)
+    assert dtypes[ours.__name__] == dtypes[torch.optim.__name__] == (torch.float32, 300.0)
+
+
+def test_a_factory_object_that_cannot_be_hashed() -> None:
+    @dataclass(eq=True)  # eq without frozen: unhashable
+    class Configured:
+        """A factory object forwarding to ao.adamw."""
+
+        __signature__ = inspect.signature(ao.adamw)
+
+        def __call__(self, **options: Any) -> ao.Optimizer:
+            return ao.adamw(**options)
+
+    model = make_mlp()
+    opt = ours.TorchOptimizer(model.parameters(), Configured(), lr=1e-2, weight_decay=0.1)
+    train(opt, model, make_data(), 5)
+    assert error(model, adamw_reference(weight_decay=0.1)) <= TOL["float32"]
+
+
 def test_zero_grad() -> None:
     model, data = make_mlp(), make_data()
     opt = ours.Adam(model.parameters(), lr=1e-2)
