@@ -558,10 +558,10 @@ def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dty
 
 
 def _initial_param_state(rule: engine.Rule, p: torch.Tensor, step: torch.Tensor) -> dict[str, Any]:
-    """torch-style per-parameter state: ``step`` (a CPU float tensor, as torch keeps it) + buffers."""
+    """torch-style per-parameter state: ``step`` (from :func:`_shared_counters`) + buffers."""
     state = engine.init_rule_state(rule, [p.detach()])
-    # ``step`` in torch.optim's _get_scalar_dtype(); running scalars (NAdam's mu_product) keep the
-    # core's float64, which is more precise than torch's default-dtype copy and loads either way.
+    # running scalars (NAdam's mu_product) keep the core's float64, which is more precise than
+    # torch's default-dtype copy and loads either way
     per_param = {"step": step}
     for name, leaves in state.buffers.items():
         per_param[name] = leaves[0]
