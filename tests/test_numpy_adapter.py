@@ -110,6 +110,8 @@ def test_array_optimizer_matches_functional_api_bitwise_in_place(name, dtype, mu
         assert {k: id(v) for k, v in params.items()} == ids, "ArrayOptimizer replaced the user's arrays"
         assert_bitwise(to_host(backend, params), to_host(backend, ref), f"{name} {dtype} step {k + 1}")
         assert {k: v.dtype for k, v in params.items()} == {k: backend.dtype(dtype) for k in params}
+        # NumPy runs elementwise rules as recorded ufunc programs (tests/test_chunk_program.py)
+        assert aopt.recorded == (backend.name == "numpy" and opt.rule.elementwise and not entry.inputs)
     assert_bitwise(state_host(backend, aopt.state), state_host(backend, ref_state), f"{name} state")
     state_dict = {k: backend.to_numpy(v) for k, v in aopt.state_dict().items()}
     assert_bitwise(state_dict, state_host(backend, ref_state), f"{name} state_dict()")
@@ -220,6 +222,7 @@ def test_mixed_precision_kahan_on_float16_in_place(mutable, rng):
         aopt.step(fresh(backend, host_grads, "float16"))
         ref_state, ref = opt.step(ref_state, fresh(backend, host_grads, "float16"), ref)
     assert {k: id(v) for k, v in params.items()} == ids
+    assert aopt.recorded == (backend.name == "numpy")
     assert all(v.dtype == backend.dtype("float16") for v in params.values())
     assert_bitwise(to_host(backend, params), to_host(backend, ref), "float16 kahan params")
     assert_bitwise(state_host(backend, aopt.state), state_host(backend, ref_state), "float16 kahan state")
