@@ -19,8 +19,10 @@ straight-line program of ufunc calls with ``out=``:
 Each recorded operation is the very ufunc the eager rule calls (``a * b`` is
 ``np.multiply(a, b)``), on operands of the same dtypes, so results are bitwise those of the
 rule run on plain arrays. A rule that does anything this recorder does not model (a reduction,
-Python control flow on array values, ``**``) raises :class:`Unsupported` while it is recorded,
-before any array is written, and the adapter runs it directly instead.
+Python control flow on array values, ``**``, a NumPy function called directly) fails while it
+is recorded, before any array is written (:class:`Unsupported`, or the TypeError of an operand
+that refuses a Symbol), and the adapter runs it directly instead. Casts are recorded like any
+operation, so 16-bit leaves are converted to float32 a chunk at a time.
 """
 
 from __future__ import annotations
@@ -122,8 +124,26 @@ class Symbol:
     def __or__(self, other):
         return apply(np.bitwise_or, self, other)
 
+    def __rand__(self, other):
+        return apply(np.bitwise_and, other, self)
+
+    def __ror__(self, other):
+        return apply(np.bitwise_or, other, self)
+
+    def __xor__(self, other):
+        return apply(np.bitwise_xor, self, other)
+
+    def __rxor__(self, other):
+        return apply(np.bitwise_xor, other, self)
+
     def __invert__(self):
         return apply(np.invert, self)
+
+    def __abs__(self):
+        return apply(np.absolute, self)
+
+    def __pos__(self):
+        return apply(np.positive, self)
 
 
 def _constant(value: Any) -> Any:
@@ -141,8 +161,12 @@ def _probe(value: Any) -> Any:
     return np.empty(0, value.dtype) if isinstance(value, Symbol) else value
 
 
-def apply(ufunc: np.ufunc, *args: Any) -> Symbol:
+def apply(ufunc: np.ufunc, *args: Any) -> Any:
+    """``ufunc(*args)`` recorded; computed now when no operand is a symbol (``xp.sqrt`` of a
+    scalar), exactly as the eager rule computes it."""
     args = tuple(_constant(a) for a in args)
+    if not any(isinstance(a, Symbol) for a in args):
+        return ufunc(*args)
     return Symbol(ufunc, args, ufunc(*(_probe(a) for a in args)).dtype)
 
 
@@ -194,6 +218,8 @@ class ProgramNamespace:
             if isinstance(picked, Symbol):
                 return picked if picked.dtype == dtype else ProgramNamespace.astype(picked, dtype)
             return Symbol("full", (np.asarray(picked, dtype=dtype),), dtype)
+        if condition.dtype != np.bool_:  # np.where takes any truth values; copyto needs bools
+            condition = ProgramNamespace.astype(condition, np.bool_)
         return Symbol("select", (condition, a, b), dtype)
 
     @staticmethod
@@ -307,10 +333,10 @@ def compile_program(inputs: list[list[Array]], stores: list[tuple[int, Symbol]])
     for destination, value in stores:
         if value.op == "input" and value.args[0] == destination:
             continue  # unchanged (a buffer the rule returns as it was)
-        if value.op in ("input", "full") or id(value) in targets:
-            value = Symbol("copy", (value,), value.dtype)
         if value.dtype != inputs[destination][0].dtype:
             value = Symbol("cast", (value,), inputs[destination][0].dtype)
+        elif value.op in ("input", "full") or id(value) in targets:
+            value = Symbol("copy", (value,), value.dtype)
         targets[id(value)] = destination
         values.append(value)
     return _Allocator(inputs, _operations(values), targets).program()

@@ -22,10 +22,17 @@ chunks see the same operations on the same elements). JAX arrays are immutable: 
 
 from __future__ import annotations
 
+import bisect
+import operator
 from typing import Any
 
 import array_api_compat
 import numpy as np
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy 1.x
+    from numpy import byte_bounds
 
 from agnostic_optim import _backend, checkpoint, chunking, engine, trees
 from agnostic_optim.adapters import _chunk_program
@@ -33,8 +40,9 @@ from agnostic_optim.adapters import _chunk_program
 __all__ = ["ArrayOptimizer"]
 
 PyTree = Any
-# 128k elements: a chunk of every operand still fits in L2, and NumPy's temporary elision (>= 256 KiB)
-# reuses temporaries (benchmarks/jax_step.py, ResNet-18 AdamW float32: 33 ms vs 40 ms at 32k).
+# 128k elements: each recorded operation is one ufunc call per chunk (~0.5 us of Python), so smaller
+# chunks cost more calls than they gain in cache (benchmarks/jax_step.py, ResNet-18 AdamW float32:
+# 22 ms at 128k and 256k, 25 ms at 32k, 28 ms at 16k).
 CHUNK_ELEMENTS = 1 << 17
 # Recorded programs mirror NumPy 2's type promotion (NEP 50: 0-d arrays are not value-based).
 _RECORDABLE = int(np.__version__.split(".")[0]) >= 2
@@ -61,12 +69,13 @@ class ArrayOptimizer:
         self.chunk_elements = chunk_elements
         self.state = opt.init(params)
         self._program = _chunk_program.ProgramBatching() if _RECORDABLE else None
-        self._layout: tuple | None = None  # (key, chunk layout, leaf groups) of recorded steps
+        self._layout: _StepLayout | None = None
         self._recorded = False
 
     def step(self, grads: PyTree, **inputs: Any) -> PyTree:
         """Apply one step with ``grads``; the arrays of ``params`` are updated in place."""
         rule = self.opt.rule
+        self._recorded = False
         if rule is None or inputs:
             self.state, new_params = self.opt.step(self.state, grads, self.params, **inputs)
             for leaf, new in zip(trees.flatten(self.params)[0], trees.flatten(new_params)[0]):
@@ -78,58 +87,60 @@ class ArrayOptimizer:
             for name, tree in self.state.buffers.items()
         }
         size = self.chunk_elements if rule.elementwise and rule.mask is None else 0
-        self._recorded = (
-            self._program is not None
-            and size > 0
-            and array_api_compat.is_numpy_namespace(xp)
-            and not _aliased(grad_leaves, param_leaves, buffer_leaves)
-            and self._recorded_step(rule, xp, grad_leaves, param_leaves, buffer_leaves, size)
+        layout = self._layout_for(xp, param_leaves, buffer_leaves, size)
+        grad_leaves = layout.unaliased(grad_leaves)
+        if layout.groups is not None and self._program is not None:
+            self._recorded = self._recorded_step(rule, xp, grad_leaves, param_leaves, layout)
+            if self._recorded:
+                return self.params
+        chunks = layout.chunks
+        view_state = self.state._replace(buffers=chunks.buffers)
+        new_state, _ = engine.apply_rule(
+            rule, view_state, chunks.cut_grads(xp, grad_leaves), chunks.params, {}, in_place=True
         )
-        if self._recorded:
-            return self.params
-        views, grad_views, buffer_views = chunking.chunk_views(
-            xp, param_leaves, grad_leaves, buffer_leaves, size
-        )
-        view_state = self.state._replace(buffers=buffer_views)
-        new_state, _ = engine.apply_rule(rule, view_state, grad_views, views, {}, in_place=True)
         self.state = new_state._replace(buffers=self.state.buffers)
         return self.params
 
+    def _layout_for(self, xp: Any, params: list, buffers: dict[str, list], size: int) -> _StepLayout:
+        """The step's chunk views and leaf groups, kept while the params and buffers are the
+        same arrays (the user may rebind a leaf; ``load_state_dict`` replaces the buffers)."""
+        leaves = [*params, *(leaf for leaves in buffers.values() for leaf in leaves)]
+        if self._layout is not None and self._layout.made_for(leaves, size):
+            return self._layout
+        chunks = chunking.chunk_layout(xp, params, buffers, size)
+        groups = None
+        if size > 0 and self._program is not None and array_api_compat.is_numpy_namespace(xp):
+            groups = engine.leaf_groups(chunks.params, chunks.buffers, None, self._program)
+        self._layout = _StepLayout(leaves, size, chunks, groups)
+        return self._layout
+
     def _recorded_step(
-        self,
-        rule: engine.Rule,
-        xp: Any,
-        grads: list[Any],
-        params: list[Any],
-        buffers: dict[str, list[Any]],
-        size: int,
+        self, rule: engine.Rule, xp: Any, grads: list, params: list, layout: _StepLayout
     ) -> bool:
-        """One step as recorded programs (``_chunk_program``) over chunk views kept from step
-        to step; False, with nothing written, when the rule cannot be recorded."""
-        key = (size, *map(id, params), *(id(leaf) for leaves in buffers.values() for leaf in leaves))
-        if self._layout is None or self._layout[0] != key:
-            layout = chunking.chunk_layout(xp, params, buffers, size)
-            groups = engine.leaf_groups(layout.params, layout.buffers, None, self._program)
-            self._layout = (key, layout, groups)
-        _, layout, groups = self._layout
+        """One step as recorded programs (``_chunk_program``); False, with nothing written, when
+        the rule cannot be recorded (it then runs directly, which raises any genuine error)."""
         step = engine.prepare_step(rule, self.state, xp, grads, params, {})
         caster = engine.ScalarCaster(xp, step.values)
+        chunks = layout.chunks
         try:
             engine.update_leaves(
                 rule,
                 xp,
                 caster.for_leaf,
-                layout.cut_grads(xp, grads),
-                layout.params,
-                layout.buffers,
+                chunks.cut_grads(xp, grads),
+                chunks.params,
+                chunks.buffers,
                 batching=self._program,
                 in_place=True,
-                groups=groups,
+                groups=layout.groups,
             )
-        except _chunk_program.Unsupported:
-            self._program.discard()  # nothing was written: this rule runs directly from now on
-            self._program = self._layout = None
+        except Exception:  # Unsupported, or an operation a Symbol lacks (``np.tanh(g)``, ``g // 2``)
+            self._program.discard()
+            self._program = None  # this rule runs directly from now on
             return False
+        except BaseException:  # interrupted: drop what was recorded, write nothing
+            self._program.discard()
+            raise
         self._program.run()
         self.state = engine.OptimizerState(
             step.count, self.state.hparams, step.scheduled, self.state.buffers, step.running
@@ -166,10 +177,35 @@ def _check_writeable(leaf: Any) -> None:
         ) from None
 
 
-def _aliased(grads: list[Any], params: list[Any], buffers: dict[str, list[Any]]) -> bool:
-    """Whether a gradient may share memory with a param or buffer of its leaf (a recorded
-    program writes some results before it reads every operand)."""
-    for i, grad in enumerate(grads):
-        if any(np.may_share_memory(grad, other[i]) for other in (params, *buffers.values())):
-            return True
-    return False
+class _StepLayout:
+    """What a step needs about its params and buffers, made once for the same arrays: chunk
+    views, leaf groups of recorded steps (None: direct steps), and for NumPy the memory they
+    own, so that gradients sharing it are copied first (the step writes some results before it
+    reads every gradient; the functional API reads them all first)."""
+
+    def __init__(self, leaves: list, size: int, chunks: chunking.ChunkLayout, groups: list | None):
+        self.leaves, self.size, self.chunks, self.groups = leaves, size, chunks, groups
+        self.starts: list[int] = []  # owned byte ranges, sorted by start
+        self.reach: list[int] = []  # the furthest end among the ranges up to each one
+        if array_api_compat.is_numpy_array(leaves[0]):
+            for start, end in sorted(byte_bounds(leaf) for leaf in leaves if leaf.size):
+                self.starts.append(start)
+                self.reach.append(max(end, self.reach[-1]) if self.reach else end)
+
+    def made_for(self, leaves: list, size: int) -> bool:
+        return (
+            size == self.size
+            and len(leaves) == len(self.leaves)
+            and all(map(operator.is_, leaves, self.leaves))
+        )
+
+    def unaliased(self, grads: list) -> list:
+        """``grads``, with a copy of each that may share memory with a param or buffer."""
+        if not self.starts:
+            return grads
+        out = []
+        for grad in grads:
+            start, end = byte_bounds(grad) if grad.size else (0, 0)
+            k = bisect.bisect_left(self.starts, end)  # ranges that start before this one ends
+            out.append(grad.copy() if grad.size and k and self.reach[k - 1] > start else grad)
+        return out

@@ -406,8 +406,11 @@ def update_leaves(
                 return pack([leaves[i] for i in group])
             selected = [leaves[i] for i in group]
             # one C-level count rather than a cast call per leaf (and traceable by torch.compile)
-            if [leaf.dtype for leaf in selected].count(dtype) == len(selected):
+            dtypes = [leaf.dtype for leaf in selected]
+            if dtypes.count(dtype) == len(selected):
                 return pack(selected)
+            if dtypes.count(dtypes[0]) == len(selected):  # the batching casts (a recorder, lazily)
+                return _backend.astype(uxp, pack(selected), dtype)
             return pack([_backend.astype(xp, leaf, dtype) for leaf in selected])
 
         g = gather(grad_leaves)

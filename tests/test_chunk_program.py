@@ -220,10 +220,6 @@ def test_adamw_program_is_one_ufunc_per_operation_and_one_scratch_register() -> 
     assert len(program.registers) == 1
 
 
-def _rule(update) -> engine.Optimizer:
-    return engine.build(engine.Rule(name="custom", hparams={"lr": 0.1}, update=update, buffers=("a",)))
-
-
 def _functional(opt, params, grads, steps):
     state, ref = opt.init(params), {k: v.copy() for k, v in params.items()}
     for _ in range(steps):
@@ -231,21 +227,26 @@ def _functional(opt, params, grads, steps):
     return ref, state
 
 
+def assert_custom_rule_matches_functional(update, *, recorded: bool, steps: int = 3) -> None:
+    """A one-buffer rule with ``update`` through ArrayOptimizer vs the functional API, bitwise."""
+    opt = engine.build(engine.Rule(name="custom", hparams={"lr": 0.1}, update=update, buffers=("a",)))
+    params, grads = big_problem()
+    expected, expected_state = _functional(opt, params, grads, steps)
+    aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
+    for _ in range(steps):
+        aopt.step(grads)
+        assert aopt.recorded == recorded
+    for k in params:
+        assert np.array_equal(params[k], expected[k])
+        assert np.array_equal(aopt.state.buffers["a"][k], expected_state.buffers["a"][k])
+
+
 def test_a_rule_the_recorder_cannot_express_runs_directly_with_the_same_result() -> None:
     def update(xp, g, p, bufs, s):  # ``**`` is not recorded (ndarray.__pow__ has fast paths)
         a = bufs["a"] * 0.5 + g**2
         return {"a": a}, p - s.lr * a
 
-    opt = _rule(update)
-    params, grads = big_problem()
-    expected, expected_state = _functional(opt, params, grads, 3)
-    aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
-    for _ in range(3):
-        aopt.step(grads)
-        assert not aopt.recorded
-    for k in params:
-        assert np.array_equal(params[k], expected[k])
-        assert np.array_equal(aopt.state.buffers["a"][k], expected_state.buffers["a"][k])
+    assert_custom_rule_matches_functional(update, recorded=False)
 
 
 def test_a_store_whose_destination_is_still_read_waits_for_the_reads() -> None:
@@ -255,26 +256,143 @@ def test_a_store_whose_destination_is_still_read_waits_for_the_reads() -> None:
         new = bufs["a"] * 0.9 + g
         return {"a": new}, p - (new - bufs["a"]) * s.lr
 
-    opt = _rule(update)
-    params, grads = big_problem()
-    expected, expected_state = _functional(opt, params, grads, 3)
-    aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
-    for _ in range(3):
+    assert_custom_rule_matches_functional(update, recorded=True)
+
+
+# ---------------------------------------------------------------- review findings (each failed before)
+
+
+def test_an_interrupted_recording_leaves_nothing_to_replay() -> None:
+    """An exception while the second dtype group is recorded (Ctrl-C) writes nothing, and the
+    next step does not replay the first group's program or its half-packed operands."""
+    calls = {"n": 0}
+
+    def update(xp, g, p, bufs, s):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second group of the first step
+            raise KeyboardInterrupt
+        return bufs, p - s.lr * g
+
+    opt = engine.build(engine.Rule(name="sgd-like", hparams={"lr": 0.5}, update=update))
+    params = {"a": np.ones(64, np.float32), "b": np.ones(16, np.float64)}  # two dtype groups
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    aopt = ArrayOptimizer(params, opt, chunk_elements=16)
+    with pytest.raises(KeyboardInterrupt):
         aopt.step(grads)
-        assert aopt.recorded
-    for k in params:
-        assert np.array_equal(params[k], expected[k])
-        assert np.array_equal(aopt.state.buffers["a"][k], expected_state.buffers["a"][k])
+    assert np.all(params["a"] == 1.0) and np.all(params["b"] == 1.0) and int(aopt.state.count) == 0
+    aopt.step(grads)
+    assert aopt.recorded
+    assert np.all(params["a"] == 0.5) and np.all(params["b"] == 0.5)
+    aopt.step(grads)
+    assert np.all(params["a"] == 0.0) and np.all(params["b"] == 0.0)
 
 
-def test_gradients_aliasing_the_params_run_directly() -> None:
-    """A recorded program writes some results before it reads every operand, so gradients that
-    share memory with the params take the direct path (which computes everything first)."""
-    opt = ao.adamw(lr=0.1)
-    params, _ = big_problem()
-    expected, _ = _functional(opt, params, params, 1)  # the gradient is the param's old value
+@pytest.mark.parametrize(
+    ("label", "update", "recorded"),
+    [
+        ("builtin abs", lambda xp, g, p, b, s: (b, p - s.lr * abs(g)), True),
+        ("unary plus", lambda xp, g, p, b, s: (b, p - s.lr * +g), True),
+        ("reflected &", lambda xp, g, p, b, s: (b, p - s.lr * xp.where((s.lr > 0) & (g > 0), g, p)), True),
+        ("non-bool where condition", lambda xp, g, p, b, s: (b, xp.where(xp.sign(g) * g, p - s.lr, p)), True),
+        ("a NumPy ufunc called directly", lambda xp, g, p, b, s: (b, p - s.lr * np.tanh(g)), False),
+        ("floor division", lambda xp, g, p, b, s: (b, p - s.lr * (g // 0.25)), False),
+    ],
+)
+def test_rules_using_more_of_numpy_match_the_functional_api(label, update, recorded) -> None:
+    """What a Symbol models is recorded; anything else (a ufunc that refuses Symbols, an
+    operator it lacks) falls back to the direct path instead of failing."""
+    opt = engine.build(engine.Rule(name="custom", hparams={"lr": 0.1}, update=update))
+    params, grads = big_problem()
+    params["b"][:3] = 0.0  # zeros for the where conditions
+    grads["b"][:2] = 0.0
+    expected, _ = _functional(opt, params, grads, 2)
     aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
-    aopt.step(params)
-    assert not aopt.recorded
+    for _ in range(2):
+        aopt.step(grads)
+        assert aopt.recorded == recorded, label
     for k in params:
-        assert np.array_equal(params[k], expected[k])
+        assert np.array_equal(params[k], expected[k]), label
+
+
+def test_rebinding_a_param_to_another_view_updates_the_new_array() -> None:
+    """The kept chunk layout belongs to the arrays it was made for (compared by identity, with
+    references held, so a freed param's id reused by the new view cannot match it)."""
+    params = {"w": np.ones(1000, np.float32)[:1000]}
+    grads = {"w": np.ones(1000, np.float32)}
+    aopt = ArrayOptimizer(params, ao.sgd(lr=0.5), chunk_elements=256)
+    aopt.step(grads)
+    for k in range(1, 4):  # e.g. weights reloaded into a new flat buffer, the param a view into it
+        new = np.full(1000, 10.0 * k, np.float32)
+        old = params.pop("w").base  # the old view object is freed here, and in CPython its
+        params["w"] = new[:1000]  # memory (so its id) usually goes to the new view
+        aopt.step(grads)
+        assert np.all(new == 10.0 * k - 0.5), k
+        assert np.all(old == (0.5 if k == 1 else 10.0 * (k - 1) - 0.5)), k
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ao.adamw(lr=1e-3),
+        lambda: ao.mixed_precision(ao.adamw(lr=1e-3), state_dtype="float32", compensation="kahan"),
+    ],
+    ids=["adamw", "adamw-kahan-float32-state"],
+)
+def test_float16_params_are_cast_chunk_by_chunk(make) -> None:
+    """16-bit leaves compute in float32: the casts are recorded too, so a step allocates no
+    float32 copy of the params, grads or buffers."""
+    chunk = 1 << 16
+    params = {"w": np.linspace(-1, 1, 8 * chunk).astype(np.float16)}
+    grads = {"w": np.full(8 * chunk, 0.01, np.float16)}
+    aopt = ArrayOptimizer(params, make(), chunk_elements=chunk)
+    aopt.step(grads)
+    tracemalloc.start()
+    try:
+        aopt.step(grads)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert aopt.recorded
+    assert peak < 2 * chunk, f"a float16 step allocated {peak} bytes (a float32 chunk is {4 * chunk})"
+
+
+def test_recorded_is_false_after_a_step_on_the_functional_path() -> None:
+    def update(xp, g, p, bufs, s, **_):
+        return bufs, p - s.lr * g
+
+    opt = engine.build(engine.Rule(name="with-input", hparams={"lr": 0.1}, update=update, inputs=("scale",)))
+    params, grads = big_problem()
+    aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
+    aopt.step(grads)
+    assert aopt.recorded
+    aopt.step(grads, scale=2.0)
+    assert not aopt.recorded
+
+
+@pytest.mark.parametrize("chunk", [4096, 0])
+@pytest.mark.parametrize("alias", ["own param", "another leaf's param", "a view of a buffer"])
+def test_gradients_sharing_memory_with_the_state_match_the_functional_api(chunk, alias) -> None:
+    """Every path reads the gradients as they were before the step, as the functional API does
+    (a step writes some results before it has read every operand, so such gradients are
+    copied first)."""
+    opt = ao.adamw(lr=0.1)
+    params = {"v": np.linspace(-1, 1, 50_000), "w": np.linspace(2, 1, 50_000)}
+    aopt = ArrayOptimizer(params, opt, chunk_elements=chunk)
+    aopt.step({"v": np.full(50_000, 0.5), "w": np.full(50_000, 0.25)})  # non-zero moments
+    shared = {
+        "own param": params["w"],
+        "another leaf's param": params["v"],
+        "a view of a buffer": aopt.state.buffers["exp_avg"]["v"][::-1],
+    }[alias]
+    grads = {"v": np.full(50_000, 0.5), "w": shared}
+    state = aopt.state._replace(
+        buffers={k: {n: a.copy() for n, a in b.items()} for k, b in aopt.state.buffers.items()}
+    )
+    expected_state, expected = opt.step(
+        state, {k: g.copy() for k, g in grads.items()}, {k: p.copy() for k, p in params.items()}
+    )
+    aopt.step(grads)
+    assert aopt.recorded == (chunk > 0)
+    for k in params:
+        assert np.array_equal(params[k], expected[k]), k
+        assert np.array_equal(aopt.state.buffers["exp_avg_sq"][k], expected_state.buffers["exp_avg_sq"][k]), k
