@@ -520,7 +520,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for step in steps:
                     step.add_(1)
 
-            self._compiled[id(rule)] = torch.compile(update, dynamic=False)
+            # Inductor's size asserts re-check every input's sizes and strides on each call, which
+            # Dynamo's guards (static shapes) have just checked: 0.3 ms a step for 600 params
+            self._compiled[id(rule)] = torch.compile(update, dynamic=False, options={"size_asserts": False})
         return self._compiled[id(rule)]
 
 
