@@ -545,6 +545,21 @@ def test_compiled_path_follows_a_param_rebound_to_other_strides() -> None:
         assert error(runs[0][0], runs[1][0]) <= 1e-12, f"step {step}"
 
 
+@pytest.mark.slow
+def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
+    """Dynamo keeps a bounded number of graphs per code object and silently runs the rest
+    eagerly: compiled optimizers over differently shaped params in one process (a sweep, a
+    second model) each keep their own graphs. With the limit lowered to 2, a third optimizer
+    sharing one code object would fail here."""
+    data = make_data()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for width in (3, 4, 5):
+            model = nn.Sequential(nn.Linear(IN, width), nn.Tanh(), nn.Linear(width, OUT))
+            opt = ours.AdamW(model.parameters(), lr=1e-2, compile=True)
+            losses = train(opt, model, data, 3)
+            assert losses[-1] < losses[0]
+
+
 # --------------------------------------------------------------------------- 4. construction
 
 
