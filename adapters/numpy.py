@@ -147,6 +147,15 @@ class ArrayOptimizer:
         )
         return True
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy``: the kept layout holds views into this optimizer's own arrays,
+        and the scratch buffers are no state; a copy makes its own."""
+        state = dict(self.__dict__)
+        state["_layout"] = None
+        if state["_program"] is not None:
+            state["_program"] = _chunk_program.ProgramBatching()
+        return state
+
     @property
     def recorded(self) -> bool:
         """Whether the latest step ran as recorded ufunc programs over cache-sized chunks (the

@@ -396,3 +396,21 @@ def test_gradients_sharing_memory_with_the_state_match_the_functional_api(chunk,
     for k in params:
         assert np.array_equal(params[k], expected[k]), k
         assert np.array_equal(aopt.state.buffers["exp_avg_sq"][k], expected_state.buffers["exp_avg_sq"][k]), k
+
+
+def test_a_deep_copy_steps_its_own_arrays() -> None:
+    """The kept chunk layout holds views into the original's arrays: a copy must not reuse it."""
+    import copy
+
+    opt = ao.adamw(lr=0.1)
+    params, grads = big_problem()
+    aopt = ArrayOptimizer(params, opt, chunk_elements=4096)
+    aopt.step(grads)
+    twin = copy.deepcopy(aopt)
+    before = {k: v.copy() for k, v in params.items()}
+    _, expected = opt.step(twin.state, grads, {k: v.copy() for k, v in twin.params.items()})
+    twin.step(grads)
+    assert twin.recorded
+    for k in params:
+        assert np.array_equal(twin.params[k], expected[k]), k
+        assert np.array_equal(params[k], before[k]), k  # the original's arrays are untouched
