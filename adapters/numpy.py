@@ -53,9 +53,14 @@ class ArrayOptimizer:
 
     Args:
       params: a pytree of writeable arrays (NumPy, CuPy, array_api_strict...). The same array
-        objects are updated by every ``step``.
+        objects are updated by every ``step``; a leaf may be rebound to another array between
+        steps. Views into the params and buffers are kept from step to step (so NumPy refuses
+        to ``resize`` them in place).
       opt: any ``agnostic_optim`` optimizer.
       chunk_elements: chunk length for elementwise rules (0 disables chunking).
+
+    Gradients are read as they are before the step, even when they share memory with a param
+    or a buffer (those are copied first), as the functional API reads them.
     """
 
     def __init__(self, params: PyTree, opt: engine.Optimizer, *, chunk_elements: int = CHUNK_ELEMENTS):
@@ -102,14 +107,18 @@ class ArrayOptimizer:
         return self.params
 
     def _layout_for(self, xp: Any, params: list, buffers: dict[str, list], size: int) -> _StepLayout:
-        """The step's chunk views and leaf groups, kept while the params and buffers are the
-        same arrays (the user may rebind a leaf; ``load_state_dict`` replaces the buffers)."""
+        """The step's chunk views and leaf groups. On NumPy they are kept while the params and
+        buffers are the same arrays (the user may rebind a leaf; ``load_state_dict`` replaces the
+        buffers): an ndarray never changes its memory. A torch tensor can (``p.data = ...``), so
+        other namespaces cut their views afresh each step."""
         leaves = [*params, *(leaf for leaves in buffers.values() for leaf in leaves)]
         if self._layout is not None and self._layout.made_for(leaves, size):
             return self._layout
         chunks = chunking.chunk_layout(xp, params, buffers, size)
+        if not array_api_compat.is_numpy_namespace(xp):
+            return _StepLayout(leaves, size, chunks, None)
         groups = None
-        if size > 0 and self._program is not None and array_api_compat.is_numpy_namespace(xp):
+        if size > 0 and self._program is not None:
             groups = engine.leaf_groups(chunks.params, chunks.buffers, None, self._program)
         self._layout = _StepLayout(leaves, size, chunks, groups)
         return self._layout

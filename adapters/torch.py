@@ -35,6 +35,7 @@ import inspect
 import itertools
 import operator
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -294,10 +295,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "_factory": self._factory, "_compile": self._compile}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, compiled steps, plans."""
+        """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, compiled steps, plans.
+        ``load_state_dict`` also comes through here: it keeps the rules and compiled steps, so a
+        resumed run does not compile again."""
         super().__setstate__(state)
         self._factory_options = tuple(_factory_defaults(self._factory).items())
-        self._rules, self._compiled, self._hparam_tensors, self._plans = {}, {}, {}, {}
+        if not hasattr(self, "_rules"):  # a copy being made
+            self._rules, self._compiled = {}, {}
+        self._hparam_tensors, self._plans = {}, {}
 
     # ---------------------------------------------------------------- building the core rule
 
@@ -529,8 +534,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             own = types.FunctionType(
                 update.__code__.replace(), update.__globals__, update.__name__, None, update.__closure__
             )
+            # Dynamo's cache entries on a code object are not freed with it: drop them with us
+            weakref.finalize(self, _release_compiled, own.__code__)
             self._compiled[id(rule)] = torch.compile(own, dynamic=False, options={"size_asserts": False})
         return self._compiled[id(rule)]
+
+
+def _release_compiled(code: types.CodeType) -> None:
+    """Free the graphs Dynamo compiled for ``code`` (its cache lives on the code object)."""
+    reset_code = getattr(torch._dynamo.eval_frame, "reset_code", None)
+    if reset_code is not None:
+        reset_code(code)
 
 
 def hparams_dtype(hparams: dict[str, Any]) -> torch.dtype:

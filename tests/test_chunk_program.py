@@ -414,3 +414,16 @@ def test_a_deep_copy_steps_its_own_arrays() -> None:
     for k in params:
         assert np.array_equal(twin.params[k], expected[k]), k
         assert np.array_equal(params[k], before[k]), k  # the original's arrays are untouched
+
+
+def test_torch_tensors_whose_storage_is_swapped_keep_being_updated() -> None:
+    """Views are kept between steps only on NumPy: a torch tensor can change its memory
+    (``p.data = ...``), so ArrayOptimizer cuts torch views afresh every step."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    param = torch.ones(20_000)
+    aopt = ArrayOptimizer({"p": param}, ao.sgd(lr=0.1), chunk_elements=4096)
+    grads = {"p": torch.ones(20_000)}
+    aopt.step(grads)
+    param.data = param.data.clone()  # new storage, same tensor object
+    aopt.step(grads)
+    assert torch.allclose(param, torch.full((20_000,), 0.8))

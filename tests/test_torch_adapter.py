@@ -560,6 +560,22 @@ def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
             assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
+def test_compiled_path_resumes_from_load_state_dict_without_compiling_again() -> None:
+    """torch.optim's ``load_state_dict`` runs ``__setstate__``; the compiled steps survive it
+    (a fresh compile per load took seconds and kept the old graphs)."""
+    data = make_data()
+    model = make_mlp()
+    opt = ours.AdamW(model.parameters(), lr=1e-2, compile=True)
+    train(opt, model, data, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):
+        opt.load_state_dict(saved)
+        train(opt, model, data, 2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
 # --------------------------------------------------------------------------- 4. construction
 
 
