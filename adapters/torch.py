@@ -26,7 +26,9 @@ Two execution paths run the same rule:
   CPU), so it is opt-in: worth it for long runs.
 
 Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
-:func:`agnostic_optim.mixed_precision`).
+:func:`agnostic_optim.mixed_precision`). LARS/LAMB's ``mask=`` applies per param of a group,
+resolved as the functional API resolves it over the list of the group's params: a list of
+bools, or ``mask(path, param)`` with ``path == (index,)`` (param groups do the same job).
 """
 
 from __future__ import annotations
@@ -114,9 +116,11 @@ class _Subset:
         count: int,
         layout: chunking.ChunkLayout | None,
         groups: list[list[int]] | None,
+        flags: list[bool] | None,
     ):
         self.params, self.states, self.buffers, self.count = params, states, buffers, count
         self.layout, self.groups = layout, groups  # the eager path's chunks and leaf groups
+        self.flags = flags  # the rule's mask, one bool per param (None: no mask)
         self.compute_leaves: dict[Any, torch.Tensor] | None = None  # the compiled path's
         steps = [s["step"] for s in states if "step" in s]
         plain = len(steps) == len(states) and all(isinstance(t, torch.Tensor) for t in steps)
@@ -393,6 +397,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         for (p, s), step in zip(fresh, _shared_counters([0.0] * len(fresh))):
             s.update(_initial_param_state(rule, p, step))
         names = engine.buffer_names(rule)
+        flag_of = _mask_flags(rule, group["params"])
         subsets = []
         for members in _by_history(params, self.state, rule):
             member_states = [self.state[p] for p in members]
@@ -402,12 +407,13 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for s, buffer in zip(member_states, buffers[name]):
                     s[name] = buffer  # a converted checkpoint buffer replaces the loaded one
             layout = groups = None
+            flags = None if flag_of is None else [flag_of[id(p)] for p in members]
             if not self._compile:
                 size = CHUNK_ELEMENTS if rule.elementwise and rule.mask is None else 0
                 layout = chunking.chunk_layout(XP, members, buffers, size)
-                groups = engine.leaf_groups(layout.params, layout.buffers, None, _BATCHING)
+                groups = engine.leaf_groups(layout.params, layout.buffers, flags, _BATCHING)
             count = _step_count(member_states[0])
-            subsets.append(_Subset(members, member_states, buffers, count, layout, groups))
+            subsets.append(_Subset(members, member_states, buffers, count, layout, groups, flags))
         plan = _Plan(group, rule, params, states, subsets)
         if plan.cacheable:
             self._plans[id(group)] = plan
@@ -480,7 +486,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             # (not torch.optim.SGD's, which are dropped after the first step: see _keeps_step)
             steps_done = subset.steps is not None and self._keeps_step(rule)
             counters = [subset.counters] if subset.counters is not None else subset.steps
-            self._compiled_update(rule)(cast, params, grads, buffers, counters if steps_done else [])
+            self._compiled_update(rule)(
+                cast, params, grads, buffers, counters if steps_done else [], subset.flags
+            )
         else:
             layout = subset.layout
             engine.update_leaves(
@@ -490,6 +498,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 layout.cut_grads(XP, grads),
                 layout.params,
                 layout.buffers,
+                flags=subset.flags,
                 batching=_BATCHING,
                 in_place=True,
                 groups=subset.groups,
@@ -514,9 +523,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         """
         if id(rule) not in self._compiled:
 
-            def update(cast: dict, params: list, grads: list, buffers: dict, steps: list) -> None:
+            def update(
+                cast: dict, params: list, grads: list, buffers: dict, steps: list, flags: list | None
+            ) -> None:
                 outputs, new_buffers = engine.update_leaves(
-                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers
+                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers, flags=flags
                 )
                 for p, new in zip(params, outputs):
                     p.copy_(new)
@@ -538,6 +549,16 @@ class TorchOptimizer(torch.optim.Optimizer):
             weakref.finalize(self, _release_compiled, own.__code__)
             self._compiled[id(rule)] = torch.compile(own, dynamic=False, options={"size_asserts": False})
         return self._compiled[id(rule)]
+
+
+def _mask_flags(rule: engine.Rule, group_params: list[torch.Tensor]) -> dict[int, bool] | None:
+    """The rule's ``mask`` resolved over the group's params as the functional API resolves it
+    over a sequence of leaves (a list or tuple of bools, or ``mask(path, param)`` with the
+    param's index as its path, ``(i,)``): id(param) -> flag, or None without a mask."""
+    if rule.mask is None:
+        return None
+    like = tuple(group_params) if isinstance(rule.mask, tuple) else list(group_params)
+    return dict(zip(map(id, group_params), engine.resolve_mask(rule.mask, like)))
 
 
 def _release_compiled(code: types.CodeType) -> None:

@@ -576,6 +576,38 @@ def test_compiled_path_resumes_from_load_state_dict_without_compiling_again() ->
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+@pytest.mark.parametrize(
+    "mask", [lambda path, p: p.ndim > 1, [True, False, True, False]], ids=["callable", "list"]
+)
+def test_mask_selects_params_as_the_functional_api_does(torch64, name, mask, compiled) -> None:
+    """LARS/LAMB's ``mask=`` (no decay or trust ratio for unselected params, e.g. biases)
+    applies per param of the group, resolved as the functional API resolves it over the list of
+    params (it used to be ignored by the adapter)."""
+    data = make_data(torch.float64)
+    model = make_mlp(torch.float64)
+    params = [p.detach().clone() for p in model.parameters()]
+    factory = ao.registry()[name].factory
+    hparams = {"lr": 1e-2, "weight_decay": 0.1}
+    opt = ours.TorchOptimizer(model.parameters(), factory, mask=mask, compile=compiled, **hparams)
+    reference = factory(mask=mask, **hparams)
+    unmasked = factory(**hparams)
+    state, free_state, free = reference.init(params), unmasked.init(params), list(params)
+    for _ in range(3):
+        for p, value in zip(model.parameters(), params):
+            p.data.copy_(value)  # the gradients at the reference's params
+        backward(model, data)
+        grads = [p.grad.clone() for p in model.parameters()]
+        for p, value in zip(model.parameters(), params):
+            p.data.copy_(value)
+        opt.step()
+        state, params = reference.step(state, grads, params)
+        free_state, free = unmasked.step(free_state, grads, free)
+        assert relative_error(flat(list(model.parameters())), flat(params)) <= 1e-12
+    assert relative_error(flat(free), flat(params)) > 1e-6  # the mask changes the result
+
+
 # --------------------------------------------------------------------------- 4. construction
 
 
