@@ -173,6 +173,16 @@ def test_recorded_stores_match_eager_numpy(program, seed) -> None:
 ELEMENTWISE = [name for name, entry in ao.registry().items() if entry.factory().rule.elementwise]
 
 
+def peak_bytes_of_step(aopt: ArrayOptimizer, grads) -> int:
+    """The peak of the memory one step allocates (NumPy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        aopt.step(grads)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def big_problem(n: int = 50_000):
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal(n).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
@@ -191,12 +201,7 @@ def test_every_elementwise_optimizer_records_and_allocates_nothing(name) -> None
     opt = ArrayOptimizer(params, ao.registry()[name].factory(), chunk_elements=chunk)
     opt.step(grads)
     assert opt.recorded
-    tracemalloc.start()
-    try:
-        opt.step(grads)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes_of_step(opt, grads)
     assert opt.recorded
     # the step's Python objects (symbols, the program, 0-d scalars) are ~20 kB; a chunk is 256 kB
     assert peak < 4 * chunk / 2, f"{name}: a recorded step allocated {peak} bytes"
@@ -346,12 +351,7 @@ def test_float16_params_are_cast_chunk_by_chunk(make) -> None:
     grads = {"w": np.full(8 * chunk, 0.01, np.float16)}
     aopt = ArrayOptimizer(params, make(), chunk_elements=chunk)
     aopt.step(grads)
-    tracemalloc.start()
-    try:
-        aopt.step(grads)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes_of_step(aopt, grads)
     assert aopt.recorded
     assert peak < 2 * chunk, f"a float16 step allocated {peak} bytes (a float32 chunk is {4 * chunk})"
 
