@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import warnings
 from typing import Any
 
 import array_api_compat
@@ -143,9 +144,14 @@ class ArrayOptimizer:
                 in_place=True,
                 groups=layout.groups,
             )
-        except Exception:  # Unsupported, or an operation a Symbol lacks (``np.tanh(g)``, ``g // 2``)
+        except Exception as err:  # Unsupported, or an operation a Symbol lacks (``np.tanh(g)``)
             self._program.discard()
             self._program = None  # this rule runs directly from now on
+            warnings.warn(
+                f"ArrayOptimizer runs {rule.name!r} directly, chunk by chunk: it could not be recorded "
+                f"({type(err).__name__}: {err}). Results are the same; steps are slower.",
+                stacklevel=3,
+            )
             return False
         except BaseException:  # interrupted: drop what was recorded, write nothing
             self._program.discard()
