@@ -203,18 +203,22 @@ def _check_writeable(leaf: Any) -> None:
 
 class _StepLayout:
     """What a step needs about its params and buffers, made once for the same arrays: chunk
-    views, leaf groups of recorded steps (None: direct steps), and for NumPy the memory they
-    own, so that gradients sharing it are copied first (the step writes some results before it
-    reads every gradient; the functional API reads them all first)."""
+    views, leaf groups of recorded steps (None: direct steps), and the memory they own, so
+    that gradients sharing it are copied first (the step writes some results before it reads
+    every gradient; the functional API reads them all first). NumPy arrays are compared by
+    byte range, torch tensors by storage."""
 
     def __init__(self, leaves: list, size: int, chunks: chunking.ChunkLayout, groups: list | None):
         self.leaves, self.size, self.chunks, self.groups = leaves, size, chunks, groups
-        self.starts: list[int] = []  # owned byte ranges, sorted by start
+        self.starts: list[int] = []  # NumPy: owned byte ranges, sorted by start
         self.reach: list[int] = []  # the furthest end among the ranges up to each one
+        self.storages: set[int] = set()  # torch: the owned storages' addresses
         if array_api_compat.is_numpy_array(leaves[0]):
             for start, end in sorted(byte_bounds(leaf) for leaf in leaves if leaf.size):
                 self.starts.append(start)
                 self.reach.append(max(end, self.reach[-1]) if self.reach else end)
+        elif array_api_compat.is_torch_array(leaves[0]):
+            self.storages = {leaf.untyped_storage().data_ptr() for leaf in leaves}
 
     def made_for(self, leaves: list, size: int) -> bool:
         return (
@@ -225,6 +229,8 @@ class _StepLayout:
 
     def unaliased(self, grads: list) -> list:
         """``grads``, with a copy of each that may share memory with a param or buffer."""
+        if self.storages:
+            return [g.clone() if g.untyped_storage().data_ptr() in self.storages else g for g in grads]
         if not self.starts:
             return grads
         out = []

@@ -435,3 +435,19 @@ def test_torch_tensors_whose_storage_is_swapped_keep_being_updated() -> None:
     param.data = param.data.clone()  # new storage, same tensor object
     aopt.step(grads)
     assert torch.allclose(param, torch.full((20_000,), 0.8))
+
+
+def test_torch_gradients_sharing_storage_with_another_leaf_match_the_functional_api() -> None:
+    """As on NumPy (above), for torch tensors in ArrayOptimizer: such gradients are cloned first."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    opt = ao.adamw(lr=0.1)
+    params = {
+        "v": torch.linspace(-1, 1, 20_000, dtype=torch.float64),
+        "w": torch.ones(20_000, dtype=torch.float64),
+    }
+    grads = {"v": torch.full((20_000,), 0.5, dtype=torch.float64), "w": params["v"]}  # w's is v's param
+    state, expected = opt.init(params), {k: v.clone() for k, v in params.items()}
+    state, expected = opt.step(state, {k: g.clone() for k, g in grads.items()}, expected)
+    ArrayOptimizer(params, opt, chunk_elements=4096).step(grads)
+    for k in params:
+        assert torch.equal(params[k], expected[k]), k
