@@ -92,3 +92,16 @@ def with_momentum_and_decay(entry: ao.RegistryEntry) -> ao.Optimizer:
     accepted = inspect.signature(entry.factory).parameters
     wanted = {"lr": 0.02, "weight_decay": 0.01, "momentum": 0.9}
     return entry.factory(**{k: v for k, v in wanted.items() if k in accepted})
+
+
+def peak_bytes_of_step(opt: Any, grads: Any) -> int:
+    """The peak memory one ``opt.step(grads)`` allocates (NumPy reports its buffers to
+    tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        opt.step(grads)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

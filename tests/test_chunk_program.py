@@ -13,7 +13,6 @@ calls, so the comparison is exact.
 from __future__ import annotations
 
 import operator
-import tracemalloc
 
 import array_api_compat.numpy as eager_xp
 import numpy as np
@@ -25,6 +24,7 @@ import agnostic_optim as ao
 from agnostic_optim import engine
 from agnostic_optim.adapters import _chunk_program
 from agnostic_optim.adapters.numpy import ArrayOptimizer
+from helpers import peak_bytes_of_step
 
 NAMES = ("p", "m", "v", "u", "g")  # node i < 5 is NAMES[i]
 DESTINATIONS = ("p", "m", "v", "u")
@@ -171,16 +171,6 @@ def test_recorded_stores_match_eager_numpy(program, seed) -> None:
 # ---------------------------------------------------------------- through ArrayOptimizer
 
 ELEMENTWISE = [name for name, entry in ao.registry().items() if entry.factory().rule.elementwise]
-
-
-def peak_bytes_of_step(aopt: ArrayOptimizer, grads) -> int:
-    """The peak of the memory one step allocates (NumPy reports its buffers to tracemalloc)."""
-    tracemalloc.start()
-    try:
-        aopt.step(grads)
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def big_problem(n: int = 50_000):

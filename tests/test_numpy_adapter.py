@@ -21,7 +21,7 @@ from agnostic_optim import checkpoint, chunking
 from agnostic_optim.adapters.numpy import CHUNK_ELEMENTS, ArrayOptimizer
 from agnostic_optim.conformance.backends import Backend
 from agnostic_optim.conformance.compare import relative_error
-from helpers import with_momentum_and_decay
+from helpers import peak_bytes_of_step, with_momentum_and_decay
 
 REGISTRY = ao.registry()
 STEPS = 3
@@ -175,7 +175,6 @@ def test_chunked_step_makes_no_full_size_temporaries(name):
     For an elementwise rule the peak extra memory of a chunked step (NumPy reports its buffers
     to tracemalloc) is a few chunks, well below half of one leaf; unchunked, each operation allocates a full
     leaf-sized temporary (checked for one optimizer, to show the measurement sees them)."""
-    import tracemalloc
 
     entry = REGISTRY[name]
     opt = with_momentum_and_decay(entry)
@@ -189,12 +188,7 @@ def test_chunked_step_makes_no_full_size_temporaries(name):
         grads = {"w": np.full(n, 0.1), "s": np.full((), 0.1)}
         aopt = ArrayOptimizer(params, opt, chunk_elements=chunk)
         aopt.step(grads)
-        tracemalloc.start()
-        try:
-            aopt.step(grads)
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        return peak_bytes_of_step(aopt, grads)
 
     chunk = n // 64  # small against the leaf, so that chunk-sized and leaf-sized temporaries differ
     peak = peak_of_second_step(chunk)
