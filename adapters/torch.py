@@ -362,6 +362,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        inputs = self._step_inputs()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -378,7 +379,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if rebuilt:
                 plan = self._plan(group, rule, params, states)
             for subset in plan.subsets:
-                self._step_subset(group, rule, subset)
+                self._step_subset(group, rule, subset, inputs)
             if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
                 for s in states:
                     s.pop("step", None)
@@ -388,6 +389,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                     plan.pointers = plan._pointers()  # without the dropped counters
             plan.record_history(states)
         return loss
+
+    def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
+        """The rule's per-param step inputs this step (``hessian_diag``...): name -> id(param) ->
+        tensor. Plain optimizers take none; AdaHessian and Sophia fill theirs from autograd."""
+        return {}
 
     def _plan(
         self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
@@ -462,9 +468,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                     if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, copy=True)
 
-    def _step_subset(self, group: dict[str, Any], rule: engine.Rule, subset: _Subset) -> None:
+    def _step_subset(
+        self,
+        group: dict[str, Any],
+        rule: engine.Rule,
+        subset: _Subset,
+        inputs: dict[str, dict[int, torch.Tensor]],
+    ) -> None:
         """One core step for params that share a step count: scalars eagerly, arrays fused."""
         params, states, buffers = subset.params, subset.states, subset.buffers
+        leaf_inputs = _subset_inputs(rule, params, inputs)
         first = params[0]
         hparams, scheduled = self._hparams(group, rule, first)
         count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
@@ -473,7 +486,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         }
         core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
         grads = list(map(_GRAD, params))
-        step = engine.prepare_step(rule, core_state, XP, grads, params, {})
+        step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
         caster = engine.ScalarCaster(XP, step.values)
         steps_done = False
         if self._compile:
@@ -487,7 +500,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             steps_done = subset.steps is not None and self._keeps_step(rule)
             counters = [subset.counters] if subset.counters is not None else subset.steps
             self._compiled_update(rule)(
-                cast, params, grads, buffers, counters if steps_done else [], subset.flags
+                cast, params, grads, buffers, counters if steps_done else [], subset.flags, leaf_inputs
             )
         else:
             layout = subset.layout
@@ -498,6 +511,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 layout.cut_grads(XP, grads),
                 layout.params,
                 layout.buffers,
+                {name: layout.cut_grads(XP, values) for name, values in leaf_inputs.items()},
                 flags=subset.flags,
                 batching=_BATCHING,
                 in_place=True,
@@ -524,10 +538,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         if id(rule) not in self._compiled:
 
             def update(
-                cast: dict, params: list, grads: list, buffers: dict, steps: list, flags: list | None
+                cast: dict,
+                params: list,
+                grads: list,
+                buffers: dict,
+                steps: list,
+                flags: list | None,
+                leaf_inputs: dict,
             ) -> None:
                 outputs, new_buffers = engine.update_leaves(
-                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers, flags=flags
+                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers, leaf_inputs, flags
                 )
                 for p, new in zip(params, outputs):
                     p.copy_(new)
@@ -559,6 +579,23 @@ def _mask_flags(rule: engine.Rule, group_params: list[torch.Tensor]) -> dict[int
         return None
     like = tuple(group_params) if isinstance(rule.mask, tuple) else list(group_params)
     return dict(zip(map(id, group_params), engine.resolve_mask(rule.mask, like)))
+
+
+def _subset_inputs(
+    rule: engine.Rule, params: list[torch.Tensor], inputs: dict[str, dict[int, torch.Tensor]]
+) -> dict[str, list[torch.Tensor]]:
+    """The rule's per-leaf inputs for ``params``: a list per input that every param has (an input
+    none of them has is left out: the core takes that as None, "no new estimate this step")."""
+    out = {}
+    for name in rule.leaf_inputs:
+        values = inputs.get(name, {})
+        found = [values.get(id(p)) for p in params]
+        if all(v is None for v in found):
+            continue
+        if any(v is None for v in found):
+            raise RuntimeError(f"{rule.name}: {name} is missing for some params of a param group")
+        out[name] = found
+    return out
 
 
 def _release_compiled(code: types.CodeType) -> None:
@@ -759,6 +796,7 @@ Adan = _named_class("Adan", ao.adan)
 Lion = _named_class("Lion", ao.lion)
 LARS = _named_class("LARS", ao.lars)
 LAMB = _named_class("LAMB", ao.lamb)
+
 
 # The class of every registered factory (tests check that none is missing).
 CLASS_FOR_FACTORY: dict[str, type[TorchOptimizer]] = {

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 import agnostic_optim as ao
+from agnostic_optim.conformance.backends import Backend
+from agnostic_optim.conformance.problems import Problem
 from agnostic_optim.conformance.references import (
     Reference,
     official_adan,
@@ -45,6 +47,34 @@ def like_params(scale: float = 1.0, positive: bool = False, every: int = 1) -> I
         return [np.abs(v) for v in values] if positive else values
 
     return generate
+
+
+@dataclass(frozen=True)
+class ProblemFunction:
+    """A step input that is a function of the problem rather than data: ``"gradient"`` (SAM's
+    ``grad_fn``: params -> grads) or ``"value_and_gradient"`` (L-BFGS's ``value_and_grad_fn``:
+    params -> (loss, grads)). Used as a case's input generator, it yields itself every step; the
+    runner binds it to the problem, backend, dtype and step (:meth:`bind`)."""
+
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gradient", "value_and_gradient"):
+            raise ValueError(f"unknown problem function {self.kind!r}")
+
+    def __call__(self, rng: np.random.Generator, shapes: list[tuple[int, ...]], step: int) -> ProblemFunction:
+        return self
+
+    def runs_on(self, problem: Problem) -> bool:
+        return self.kind == "gradient" or problem.loss is not None
+
+    def bind(self, backend: Backend, problem: Problem, step: int, dtype: str) -> Callable[[Any], Any]:
+        def gradient(params: Any) -> list[Any]:
+            return problem.gradient(backend, list(params), step, dtype)
+
+        if self.kind == "gradient":
+            return gradient
+        return lambda params: (problem.loss(backend, list(params), dtype), gradient(params))
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,10 @@ class Case:
 
     def build(self) -> ao.Optimizer:
         return ao.registry()[self.optimizer].factory(**self.kwargs)
+
+    def runs_on(self, problem: Problem) -> bool:
+        """False when an input needs what ``problem`` lacks (a loss value for L-BFGS)."""
+        return all(g.runs_on(problem) for g in self.inputs.values() if isinstance(g, ProblemFunction))
 
 
 def _case(optimizer: str, label: str, reference: Reference | None = None, **kwargs: Any) -> Case:

@@ -29,11 +29,14 @@ class Problem:
       name: short identifier used in reports.
       initial: host float64 arrays, one per leaf.
       gradient: ``gradient(backend, params, step, dtype) -> grads`` (a list like ``params``).
+      loss: ``loss(backend, params, dtype) -> 0-d array``, the objective whose gradient
+        ``gradient`` is (None for the gradient stream, which has no objective).
     """
 
     name: str
     initial: list[np.ndarray]
     gradient: Callable[[Backend, list[Array], int, str], list[Array]]
+    loss: Callable[[Backend, list[Array], str], Array] | None = None
 
 
 def multi_leaf_tree(steps: int, seed: int = 0) -> Problem:
@@ -64,7 +67,12 @@ def ill_conditioned_quadratic(seed: int = 1, dimension: int = 6, condition: floa
         a, b = backend.asarray(matrix), backend.asarray(offset)
         return _cast(backend, [xp.matmul(a, _float64(backend, params[0])) - b], dtype)
 
-    return Problem("quadratic", initial, gradient)
+    def loss(backend: Backend, params: list[Array], dtype: str) -> Array:
+        xp = backend.xp
+        a, b, x = backend.asarray(matrix), backend.asarray(offset), _float64(backend, params[0])
+        return _cast(backend, [xp.sum(x * xp.matmul(a, x)) / 2 - xp.sum(b * x)], dtype)[0]
+
+    return Problem("quadratic", initial, gradient, loss)
 
 
 def mlp_regression(seed: int = 2, batch: int = 16, width: int = 8) -> Problem:
@@ -80,12 +88,23 @@ def mlp_regression(seed: int = 2, batch: int = 16, width: int = 8) -> Problem:
         np.full(1, 0.3),  # no leaf near zero: relative errors stay meaningful
     ]
 
-    def gradient(backend: Backend, params: list[Array], step: int, dtype: str) -> list[Array]:
+    def forward(backend: Backend, params: list[Array]) -> tuple[Array, Array, Array]:
+        """(inputs, hidden activations, prediction - target) in float64."""
         xp = backend.xp
         x, y = backend.asarray(inputs), backend.asarray(targets)
         w1, b1, w2, b2 = (_float64(backend, p) for p in params)
         hidden = xp.tanh(xp.matmul(x, w1) + b1)
-        residual = (xp.matmul(hidden, w2) + b2 - y) * (2.0 / batch)
+        return x, hidden, xp.matmul(hidden, w2) + b2 - y
+
+    def loss(backend: Backend, params: list[Array], dtype: str) -> Array:
+        error = forward(backend, params)[2]
+        return _cast(backend, [backend.xp.sum(error * error) / batch], dtype)[0]
+
+    def gradient(backend: Backend, params: list[Array], step: int, dtype: str) -> list[Array]:
+        xp = backend.xp
+        x, hidden, error = forward(backend, params)
+        w2 = _float64(backend, params[2])
+        residual = error * (2.0 / batch)
         grad_w2 = xp.matmul(xp.matrix_transpose(hidden), residual)
         grad_b2 = xp.sum(residual, axis=0)
         delta = xp.matmul(residual, xp.matrix_transpose(w2)) * (1 - hidden * hidden)
@@ -93,7 +112,7 @@ def mlp_regression(seed: int = 2, batch: int = 16, width: int = 8) -> Problem:
         grad_b1 = xp.sum(delta, axis=0)
         return _cast(backend, [grad_w1, grad_b1, grad_w2, grad_b2], dtype)
 
-    return Problem("mlp", initial, gradient)
+    return Problem("mlp", initial, gradient, loss)
 
 
 def _float64(backend: Backend, x: Array) -> Array:

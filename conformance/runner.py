@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_optim.conformance.backends import Backend, get_backend
-from agnostic_optim.conformance.cases import Case, cases_for
+from agnostic_optim.conformance.cases import Case, ProblemFunction, cases_for
 from agnostic_optim.conformance.compare import max_relative_error
 from agnostic_optim.conformance.problems import Problem, all_problems
 
@@ -96,12 +96,20 @@ def host_inputs(case: Case, problem: Problem, steps: int) -> HostInputs:
     return [{name: case.inputs[name](rng, shapes, step) for name in names} for step in range(steps)]
 
 
-def backend_inputs(backend: Backend, host: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """One step's host inputs as ``backend`` arrays in ``dtype`` (None stays None)."""
-    return {
-        name: None if value is None else [backend.asarray(v, dtype) for v in value]
-        for name, value in host.items()
-    }
+def backend_inputs(
+    backend: Backend, host: dict[str, Any], dtype: str, problem: Problem, step: int
+) -> dict[str, Any]:
+    """One step's host inputs as ``backend`` arrays in ``dtype`` (None stays None), and problem
+    functions (SAM's ``grad_fn``...) bound to ``backend``, ``dtype`` and the step."""
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, ProblemFunction):
+            return value.bind(backend, problem, step, dtype)
+        return [backend.asarray(v, dtype) for v in value]
+
+    return {name: convert(value) for name, value in host.items()}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -118,7 +126,8 @@ def run_functional(
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        state, params = opt.step(state, grads, params, **backend_inputs(backend, inputs[step], dtype))
+        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step)
+        state, params = opt.step(state, grads, params, **step_inputs)
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
@@ -180,13 +189,22 @@ def _run_as_optax(
     from agnostic_optim.adapters.jax import as_optax
 
     tx = as_optax(case.build())
-    update = jax.jit(tx.update) if jit else tx.update
+    jitted = jax.jit(tx.update) if jit else tx.update
     params = [backend.asarray(p, dtype) for p in problem.initial]
     state = tx.init(params)
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        updates, state = update(grads, state, params, **backend_inputs(backend, inputs[step], dtype))
+        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step)
+        # a function input (SAM's grad_fn) is closed over, as a jitted training step closes over
+        # jax.grad(loss); this step's differs from the last one's, so the update is traced again
+        functions = {k: v for k, v in step_inputs.items() if callable(v)}
+        update = jitted
+        if functions:
+            update = functools.partial(tx.update, **functions)
+            update = jax.jit(update) if jit else update
+            step_inputs = {k: v for k, v in step_inputs.items() if k not in functions}
+        updates, state = update(grads, state, params, **step_inputs)
         params = optax.apply_updates(params, updates)
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
@@ -202,7 +220,7 @@ def _run_array_optimizer(
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        opt.step(grads, **backend_inputs(backend, inputs[step], dtype))
+        opt.step(grads, **backend_inputs(backend, inputs[step], dtype, problem, step))
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
@@ -272,6 +290,9 @@ def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT
                 f"{case.label}: torch class entry not run (step(closure) cannot take extra inputs)"
             )
         for problem in _problems(steps):
+            if not case.runs_on(problem):
+                result.notes.append(f"{case.label}: not run on {problem.name} (it has no loss value)")
+                continue
             expected = _baseline(case, problem, steps)
             inputs = _host_inputs(case, problem, steps)
             runs = [("functional", run_functional(case, backend, dtype, problem, steps, inputs))]
