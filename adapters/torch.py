@@ -102,6 +102,14 @@ class _ForeachBatching:
 
 
 _BATCHING = _ForeachBatching()
+
+
+def _batching(rule: engine.Rule) -> _ForeachBatching | None:
+    """The eager path packs a rule's leaves into ``_foreach`` lists unless it needs each leaf's
+    own array (Shampoo's matrices), in which case it runs leaf by leaf."""
+    return _BATCHING if rule.batchable else None
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -417,7 +425,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if not self._compile:
                 size = CHUNK_ELEMENTS if rule.elementwise and rule.mask is None else 0
                 layout = chunking.chunk_layout(XP, members, buffers, size)
-                groups = engine.leaf_groups(layout.params, layout.buffers, flags, _BATCHING)
+                groups = engine.leaf_groups(layout.params, layout.buffers, flags, _batching(rule))
             count = _step_count(member_states[0])
             subsets.append(_Subset(members, member_states, buffers, count, layout, groups, flags))
         plan = _Plan(group, rule, params, states, subsets)
@@ -513,7 +521,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 layout.buffers,
                 {name: layout.cut_grads(XP, values) for name, values in leaf_inputs.items()},
                 flags=subset.flags,
-                batching=_BATCHING,
+                batching=_batching(rule),
                 in_place=True,
                 groups=subset.groups,
             )

@@ -122,6 +122,10 @@ class Rule:
       precision: state storage dtype and param compensation (:mod:`agnostic_optim.precision`).
       elementwise: True when the update of every element depends only on that element (no
         per-leaf or global reductions), so a leaf may be processed in independent chunks.
+      batchable: True when ``update`` uses only elementwise operations and whole-leaf ``sum``s,
+        so an adapter may run it on several leaves packed into one operand (the torch adapter's
+        ``_foreach`` lists). False for rules that reshape, reduce over axes or multiply matrices
+        (Shampoo, AdaHessian's spatial averaging): they run leaf by leaf.
     """
 
     name: str
@@ -137,6 +141,7 @@ class Rule:
     mask: Any = None
     precision: Precision = field(default_factory=Precision)
     elementwise: bool = True
+    batchable: bool = True
 
 
 # --------------------------------------------------------------------------- validation
