@@ -47,6 +47,9 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import _backend, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
+from agnostic_optim.adapters._torch_kfac import KFAC
+from agnostic_optim.adapters._torch_lbfgs import LBFGS
+from agnostic_optim.adapters._torch_wrappers import SAM, Lookahead
 from agnostic_optim.hparams import is_scheduled
 
 XP = array_api_compat.torch  # the core's namespace for torch tensors
@@ -58,18 +61,25 @@ CHUNK_ELEMENTS = 1 << 20
 BLOCK_ELEMENTS = 1 << 20
 
 __all__ = [
+    "KFAC",
     "LAMB",
     "LARS",
+    "LBFGS",
+    "SAM",
     "SGD",
     "AMSGrad",
+    "AdaHessian",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adan",
     "Lion",
+    "Lookahead",
     "NAdam",
     "RAdam",
     "RMSprop",
+    "Shampoo",
+    "Sophia",
     "TorchOptimizer",
 ]
 
@@ -327,10 +337,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         key = (_structure_key(options), tuple(precision.items()))
         if key not in self._rules:
             opt = self._factory(**{k: _plain(v) for k, v in options.items()})
-            if opt.rule is None:
-                raise TypeError(
-                    f"{self._factory.__name__} is a wrapper; the torch adapter runs rule optimizers"
-                )
+            if opt.rule is None or (opt.inputs and type(self)._step_inputs is TorchOptimizer._step_inputs):
+                name = getattr(self._factory, "__name__", repr(self._factory))
+                special = CLASS_FOR_FACTORY.get(name)
+                use = f": use agnostic_optim.adapters.torch.{special.__name__}" if special else ""
+                what = f"takes step inputs {list(opt.inputs)}" if opt.inputs else "is not an update rule"
+                raise TypeError(f"TorchOptimizer cannot run {name}: it {what}{use}")
             if any(v is not None for v in precision.values()):
                 opt = ao.mixed_precision(opt, **precision)
             self._rules[key] = opt
@@ -804,6 +816,63 @@ Adan = _named_class("Adan", ao.adan)
 Lion = _named_class("Lion", ao.lion)
 LARS = _named_class("LARS", ao.lars)
 LAMB = _named_class("LAMB", ao.lamb)
+Shampoo = _named_class("Shampoo", ao.shampoo)
+
+
+class AdaHessian(_named_class("AdaHessian", ao.adahessian)):
+    __doc__ = (
+        "``torch.optim.Optimizer`` running ``agnostic_optim.adahessian``; each step draws a "
+        "Hutchinson probe and passes ``z ⊙ Hz`` as ``hessian_diag``, as the official AdaHessian "
+        "does. The gradients must carry their graph: call ``loss.backward(create_graph=True)`` "
+        "before ``step()``. Probes come from torch's global generator (``torch.manual_seed``).\n\n"
+        + inspect.getdoc(ao.adahessian)
+    )
+
+    def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        curved = [p for p in params if p.grad.grad_fn is not None]
+        if params and not curved:
+            raise RuntimeError(
+                "AdaHessian needs Hessian-vector products of the loss: compute the gradients with "
+                "loss.backward(create_graph=True) before step()"
+            )
+        if not curved:
+            return {}
+        probes = [torch.randint_like(p, 2).mul_(2).sub_(1) for p in curved]  # Rademacher ±1
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                [p.grad for p in curved], curved, grad_outputs=probes, allow_unused=True
+            )
+        diag = {id(p): torch.zeros_like(p) for p in params}  # a gradient without a graph: H = 0
+        for p, z, hz in zip(curved, probes, products):
+            if hz is not None:
+                diag[id(p)] = z.mul_(hz)
+        return {"hessian_diag": diag}
+
+
+class Sophia(_named_class("Sophia", ao.sophia)):
+    __doc__ = (
+        "``torch.optim.Optimizer`` running ``agnostic_optim.sophia``. As with the official "
+        "SophiaG, call ``update_hessian()`` every k steps right after back-propagating a loss on "
+        "labels sampled from the model (the Gauss-Newton-Bartlett estimator): the current "
+        "gradients' squares ``ĝ ⊙ ĝ`` become the estimate the next ``step()`` folds into the "
+        "Hessian EMA -- the same sequence of operations as the official code. Steps without a "
+        "pending estimate keep the EMA as it is.\n\n" + inspect.getdoc(ao.sophia)
+    )
+
+    def update_hessian(self) -> None:
+        """Take ``p.grad ⊙ p.grad`` of every param with a gradient as the next step's estimate."""
+        pending = self.__dict__.setdefault("_pending_hessian", {})
+        if pending:
+            raise RuntimeError("update_hessian() was called twice without a step() in between")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    pending[id(p)] = (p.grad * p.grad).detach()
+
+    def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
+        pending = self.__dict__.pop("_pending_hessian", None)
+        return {"hessian_diag": pending} if pending else {}
 
 
 # The class of every registered factory (tests check that none is missing).
@@ -820,4 +889,11 @@ CLASS_FOR_FACTORY: dict[str, type[TorchOptimizer]] = {
     "lion": Lion,
     "lars": LARS,
     "lamb": LAMB,
+    "adahessian": AdaHessian,
+    "sophia": Sophia,
+    "shampoo": Shampoo,
+    "sam": SAM,
+    "lookahead": Lookahead,
+    "kfac": KFAC,
+    "lbfgs": LBFGS,
 }

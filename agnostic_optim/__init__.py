@@ -25,24 +25,34 @@ from agnostic_optim.composition import (
     masked,
     skip_nonfinite,
 )
+from agnostic_optim.curvature import adahessian, sophia
 from agnostic_optim.engine import Optimizer, OptimizerState, Transform, mixed_precision
 from agnostic_optim.first_order import sgd
 from agnostic_optim.hparams import get_hparams, set_hparams
+from agnostic_optim.kfac import KFACState, kfac
 from agnostic_optim.layerwise import lamb, lars
+from agnostic_optim.quasi_newton import LBFGSState, lbfgs
 from agnostic_optim.registry import RegistryEntry, registry
+from agnostic_optim.shampoo import shampoo
+from agnostic_optim.wrappers import LookaheadState, SAMState, lookahead, sam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "KFACState",
+    "LBFGSState",
+    "LookaheadState",
     "MaskedState",
     "Optimizer",
     "OptimizerState",
     "RegistryEntry",
+    "SAMState",
     "SkipNonfiniteState",
     "Transform",
     "accumulate",
     "adagrad",
+    "adahessian",
     "adam",
     "adamw",
     "adan",
@@ -51,17 +61,23 @@ __all__ = [
     "checkpoint",
     "clip_by_global_norm",
     "get_hparams",
+    "kfac",
     "lamb",
     "lars",
+    "lbfgs",
     "lion",
+    "lookahead",
     "masked",
     "mixed_precision",
     "nadam",
     "radam",
     "registry",
     "rmsprop",
+    "sam",
     "schedules",
     "set_hparams",
     "sgd",
+    "shampoo",
     "skip_nonfinite",
+    "sophia",
 ]

@@ -41,6 +41,19 @@ def l2_norm(xp: Any, x: Array) -> Array:
     return xp.sqrt(sum_of_squares(xp, x))
 
 
+def psd_matrix_power(xp: Any, matrix: Array, exponent: float, shift: Array) -> Array:
+    """``(matrix + shift I) ** exponent`` of a symmetric positive semi-definite ``matrix``.
+
+    From the eigendecomposition ``matrix = V diag(w) Vᵀ`` (the array API's ``linalg.eigh``):
+    ``V diag((max(w, 0) + shift) ** exponent) Vᵀ``. Eigenvalues are clamped at 0 before the shift
+    (rounding can make those of a PSD matrix slightly negative), so with ``shift > 0`` every
+    eigenvalue raised to a negative ``exponent`` is at least ``shift``.
+    """
+    w, v = xp.linalg.eigh(matrix)
+    w = (xp.clip(w, min=0.0) + shift) ** exponent
+    return (v * w) @ xp.matrix_transpose(v)
+
+
 # ----------------------------------------------------------------- scalar helpers (prepare)
 
 

@@ -55,7 +55,7 @@ def chain(*parts: engine.Transform | engine.Optimizer) -> engine.Optimizer | eng
             last_state, params = last.step(state[-1], grads, params, **inputs)
             return (*new_states, last_state), params
 
-        return engine.Optimizer(init=init, step=step, name=name, inputs=last.inputs)
+        return engine.Optimizer(init=init, step=step, name=name, inputs=last.inputs, traceable=last.traceable)
 
     def update(state: tuple, grads: PyTree, params: PyTree):
         new_states, grads = run_transforms(state, grads, params)
@@ -171,7 +171,9 @@ def masked(opt: engine.Optimizer, mask: Mask, otherwise: engine.Optimizer | None
         return MaskedState(*new_states), trees.unflatten(treedef, new_leaves)
 
     inputs = tuple(dict.fromkeys(opt.inputs + (otherwise.inputs if otherwise else ())))
-    return engine.Optimizer(init=init, step=step, name=f"masked({opt.name})", inputs=inputs)
+    traceable = opt.traceable and (otherwise is None or otherwise.traceable)
+    name = f"masked({opt.name})"
+    return engine.Optimizer(init=init, step=step, name=name, inputs=inputs, traceable=traceable)
 
 
 def _is_tree_like(value: Any, treedef: Any) -> bool:
@@ -235,7 +237,9 @@ def skip_nonfinite(opt: engine.Optimizer) -> engine.Optimizer:
         inner = _tree_select(xp, ok, inner, state.inner)
         return SkipNonfiniteState(inner, skipped), _tree_select(xp, ok, new_params, params)
 
-    return engine.Optimizer(init=init, step=step, name=f"skip_nonfinite({opt.name})", inputs=opt.inputs)
+    return engine.Optimizer(
+        init=init, step=step, name=f"skip_nonfinite({opt.name})", inputs=opt.inputs, traceable=opt.traceable
+    )
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -284,4 +288,5 @@ def accumulate(opt: engine.Optimizer, every: int) -> engine.Optimizer:
         micro_step = xp.where(ready, xp.zeros_like(micro_step), micro_step)
         return AccumulateState(inner, grad_sum, micro_step), _tree_select(xp, ready, new_params, params)
 
-    return engine.Optimizer(init=init, step=step, name=f"accumulate({opt.name}, {every})", inputs=opt.inputs)
+    name = f"accumulate({opt.name}, {every})"
+    return engine.Optimizer(init=init, step=step, name=name, inputs=opt.inputs, traceable=opt.traceable)

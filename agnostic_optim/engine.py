@@ -52,6 +52,7 @@ class Optimizer:
     name: str = "optimizer"
     rule: Rule | None = None  # the maths, for optimizers built from one (see ``mixed_precision``)
     inputs: tuple[str, ...] = ()  # the extra keyword inputs ``step`` accepts (``grad_fn``, ...)
+    traceable: bool = True  # False when ``step`` branches on values (L-BFGS): no ``jax.jit``/``vmap``
 
     def __repr__(self) -> str:
         return f"<agnostic_optim.Optimizer {self.name}>"
@@ -524,7 +525,8 @@ def build(rule: Rule) -> Optimizer:
     def step(state: OptimizerState, grads: PyTree, params: PyTree, **inputs: Any):
         return apply_rule(rule, state, grads, params, inputs)
 
-    return Optimizer(init=init, step=step, name=rule.name, rule=rule, inputs=rule.inputs + rule.leaf_inputs)
+    inputs = tuple(dict.fromkeys(rule.inputs + rule.leaf_inputs))  # (one may be both, as AdaHessian's)
+    return Optimizer(init=init, step=step, name=rule.name, rule=rule, inputs=inputs)
 
 
 def build_transform(rule: Rule) -> Transform:
@@ -552,8 +554,9 @@ def mixed_precision(
     """
     if opt.rule is None:
         raise TypeError(
-            f"mixed_precision needs an optimizer built from an update rule; {opt.name} is a wrapper: "
-            "apply mixed_precision to the optimizer it wraps"
+            f"mixed_precision needs an optimizer built from an update rule, which {opt.name} is not "
+            "(a wrapper takes it on its base: ao.sam(ao.mixed_precision(ao.adamw(...))); L-BFGS and "
+            "K-FAC keep their state in the params' dtype)"
         )
     precision = Precision(state_dtype=state_dtype, compensation=compensation)
     return build(replace(opt.rule, precision=precision))

@@ -67,7 +67,12 @@ def main() -> None:
         "adamw+warmup-cosine": ao.adamw(lr=lambda count: 2e-2 * schedule(count), weight_decay=1e-4),
         "adan": ao.adan(lr=1e-2),
         "lion": ao.lion(lr=2e-3),
+        "sam(sgd+nesterov)": ao.sam(ao.sgd(lr=0.5, momentum=0.9, nesterov=True), rho=0.05),
+        "lookahead(adamw)": ao.lookahead(ao.adamw(lr=2e-2, weight_decay=1e-4), k=5, alpha=0.5),
+        "shampoo": ao.shampoo(lr=0.3, momentum=0.9),
     }
+    # SAM's second gradient, at the perturbed params
+    step_inputs = {"grad_fn": lambda p: loss_and_grads(p, x, y)[2]}
     print(f"two spirals, {len(y)} points, MLP 2-32-32-1, {args.steps} full-batch steps on NumPy\n")
     print("step  " + "  ".join(f"{name:>20}" for name in optimizers))
     states = {name: opt.init(initial) for name, opt in optimizers.items()}
@@ -77,7 +82,8 @@ def main() -> None:
         losses = {}
         for name, opt in optimizers.items():
             losses[name], accuracy[name], grads = loss_and_grads(params[name], x, y)
-            states[name], params[name] = opt.step(states[name], grads, params[name])
+            inputs = {k: v for k, v in step_inputs.items() if k in opt.inputs}
+            states[name], params[name] = opt.step(states[name], grads, params[name], **inputs)
         if step == 1 or step % args.every == 0:
             print(f"{step:4d}  " + "  ".join(f"{losses[name]:20.5f}" for name in optimizers))
     print("\nfinal training accuracy:")

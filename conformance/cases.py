@@ -27,6 +27,7 @@ from agnostic_optim.conformance.references import (
     Reference,
     official_adan,
     official_lion,
+    optax_lookahead,
     optax_transform,
     timm_optimizer,
     torch_optim,
@@ -51,30 +52,34 @@ def like_params(scale: float = 1.0, positive: bool = False, every: int = 1) -> I
 
 @dataclass(frozen=True)
 class ProblemFunction:
-    """A step input that is a function of the problem rather than data: ``"gradient"`` (SAM's
-    ``grad_fn``: params -> grads) or ``"value_and_gradient"`` (L-BFGS's ``value_and_grad_fn``:
-    params -> (loss, grads)). Used as a case's input generator, it yields itself every step; the
-    runner binds it to the problem, backend, dtype and step (:meth:`bind`)."""
+    """A step input computed from the problem rather than drawn as data: ``"gradient"`` (SAM's
+    ``grad_fn``: params -> grads), ``"value_and_gradient"`` (L-BFGS's ``value_and_grad_fn``:
+    params -> (loss, grads)) or ``"layer_stats"`` (K-FAC's layer inputs and output gradients at
+    the current params). Used as a case's input generator, it yields itself every step; the
+    runner binds it to the problem, backend, dtype, step and params (:meth:`bind`)."""
 
     kind: str
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gradient", "value_and_gradient"):
+        if self.kind not in ("gradient", "value_and_gradient", "layer_stats"):
             raise ValueError(f"unknown problem function {self.kind!r}")
 
     def __call__(self, rng: np.random.Generator, shapes: list[tuple[int, ...]], step: int) -> ProblemFunction:
         return self
 
     def runs_on(self, problem: Problem) -> bool:
-        return self.kind == "gradient" or problem.loss is not None
+        needs = {"gradient": problem.gradient, "value_and_gradient": problem.loss}
+        return needs.get(self.kind, problem.layer_stats) is not None
 
-    def bind(self, backend: Backend, problem: Problem, step: int, dtype: str) -> Callable[[Any], Any]:
-        def gradient(params: Any) -> list[Any]:
-            return problem.gradient(backend, list(params), step, dtype)
+    def bind(self, backend: Backend, problem: Problem, step: int, dtype: str, params: list[Any]) -> Any:
+        def gradient(values: Any) -> list[Any]:
+            return problem.gradient(backend, list(values), step, dtype)
 
         if self.kind == "gradient":
             return gradient
-        return lambda params: (problem.loss(backend, list(params), dtype), gradient(params))
+        if self.kind == "layer_stats":
+            return problem.layer_stats(backend, params, dtype)
+        return lambda values: (problem.loss(backend, list(values), dtype), gradient(values))
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,8 @@ class Case:
         return ao.registry()[self.optimizer].factory(**self.kwargs)
 
     def runs_on(self, problem: Problem) -> bool:
-        """False when an input needs what ``problem`` lacks (a loss value for L-BFGS)."""
+        """False when an input needs what ``problem`` lacks (a loss value for L-BFGS, layers for
+        K-FAC)."""
         return all(g.runs_on(problem) for g in self.inputs.values() if isinstance(g, ProblemFunction))
 
 
@@ -179,6 +185,40 @@ CASES: list[Case] = [
           timm_optimizer("Lamb", lr=1e-2, weight_decay=1e-2, trust_clip=True, grad_averaging=False),
           lr=1e-2, weight_decay=1e-2, max_grad_norm=1.0, always_adapt=False, trust_clip=True,
           grad_averaging=False),
+    # ---- generalization wrappers (the official code is transcribed in tests/test_wrappers.py)
+    Case("sam", "sam-sgd-momentum", dict(base=ao.sgd(lr=0.05, momentum=0.9), rho=0.05),
+         inputs={"grad_fn": ProblemFunction("gradient")}),
+    Case("sam", "asam-adamw", dict(base=ao.adamw(lr=1e-2, weight_decay=1e-2), rho=0.5, adaptive=True),
+         inputs={"grad_fn": ProblemFunction("gradient")}),
+    _case("lookahead", "adam", optax_lookahead(lambda o: o.adam(1e-2), 3, 0.5, "adam"),
+          base=ao.adam(lr=1e-2), k=3, alpha=0.5),
+    _case("lookahead", "sgd-nesterov", base=ao.sgd(lr=0.05, momentum=0.9, nesterov=True), k=5, alpha=0.8),
+    # ---- curvature-aware (no library has them: cross-backend; the official code is transcribed
+    # in tests/test_reference_curvature.py and tests/test_shampoo.py)
+    Case("adahessian", "adahessian-decay", dict(lr=0.02, eps=1e-2, weight_decay=1e-3),
+         inputs={"hessian_diag": like_params()}),
+    Case("adahessian", "adahessian-every-3", dict(lr=0.05, eps=1e-3, hessian_power=0.5),
+         inputs={"hessian_diag": like_params(every=3)}),
+    Case("sophia", "sophia-every-2", dict(lr=0.01, rho=0.04, bs=25, weight_decay=0.1),
+         inputs={"hessian_diag": like_params(positive=True, every=2)}),
+    Case("kfac", "kfac-frequent", dict(lr=0.02, momentum=0.9, weight_decay=1e-3, cov_update_frequency=2,
+         inverse_update_frequency=4, layers={(0,): (1,), (2,): (3,)}, weight_layout="in_out"),
+         inputs={"layer_stats": ProblemFunction("layer_stats")}),
+    # (L-BFGS divides differences of gradients: rounding grows with every inner iteration, so the
+    # cases take few; these stay within 1e-12 of torch.optim.LBFGS in float64 over 25 steps)
+    Case("lbfgs", "lbfgs-history-3", dict(lr=0.2, max_iter=2, history_size=3),
+         torch_optim("LBFGS", lr=0.2, max_iter=2, history_size=3),
+         inputs={"value_and_grad_fn": ProblemFunction("value_and_gradient")}),
+    Case("lbfgs", "lbfgs-strong-wolfe", dict(max_iter=2, history_size=3, line_search_fn="strong_wolfe"),
+         torch_optim("LBFGS", max_iter=2, history_size=3, line_search_fn="strong_wolfe"),
+         inputs={"value_and_grad_fn": ProblemFunction("value_and_gradient")}, tolerance={"float32": 2e-4},
+         tolerance_reason="the strong-Wolfe line search's cubic interpolation amplifies float32 rounding "
+         "(6.5e-5 from the float64 run on numpy, which meets torch.optim.LBFGS to 1e-12)"),
+    # (ε bounds the inverse roots' amplification of rounding: with the default 1e-4 a float32 run
+    # is 1e-4 away from the float64 one on the quadratic, whose statistics span 5 decades)
+    _case("shampoo", "eps-0.1", lr=0.1, eps=0.1),
+    _case("shampoo", "stale-roots-momentum", lr=0.05, eps=1e-2, precondition_frequency=3,
+          max_preconditioner_dim=4, momentum=0.9, weight_decay=1e-2),
 ]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from agnostic_optim.conformance.backends import Backend
 
 Array = Any
+LayerStats = dict[tuple[int], tuple[Array, Array]]  # weight leaf path -> (layer inputs, output grads)
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,16 @@ class Problem:
       gradient: ``gradient(backend, params, step, dtype) -> grads`` (a list like ``params``).
       loss: ``loss(backend, params, dtype) -> 0-d array``, the objective whose gradient
         ``gradient`` is (None for the gradient stream, which has no objective).
+      layer_stats: ``layer_stats(backend, params, dtype) -> {(i,): (inputs, output grads)}`` for
+        the fully-connected layers whose weight is leaf ``i``, stored (in, out) with leaf ``i + 1``
+        its bias (K-FAC's step input; None where the problem has no layers).
     """
 
     name: str
     initial: list[np.ndarray]
     gradient: Callable[[Backend, list[Array], int, str], list[Array]]
     loss: Callable[[Backend, list[Array], str], Array] | None = None
+    layer_stats: Callable[[Backend, list[Array], str], LayerStats] | None = None
 
 
 def multi_leaf_tree(steps: int, seed: int = 0) -> Problem:
@@ -100,19 +105,31 @@ def mlp_regression(seed: int = 2, batch: int = 16, width: int = 8) -> Problem:
         error = forward(backend, params)[2]
         return _cast(backend, [backend.xp.sum(error * error) / batch], dtype)[0]
 
-    def gradient(backend: Backend, params: list[Array], step: int, dtype: str) -> list[Array]:
+    def backward(backend: Backend, params: list[Array]) -> tuple[Array, ...]:
+        """(layer inputs x, hidden; gradients of the loss at the layers' outputs: delta, residual)."""
         xp = backend.xp
         x, hidden, error = forward(backend, params)
         w2 = _float64(backend, params[2])
         residual = error * (2.0 / batch)
+        delta = xp.matmul(residual, xp.matrix_transpose(w2)) * (1 - hidden * hidden)
+        return x, hidden, delta, residual
+
+    def gradient(backend: Backend, params: list[Array], step: int, dtype: str) -> list[Array]:
+        xp = backend.xp
+        x, hidden, delta, residual = backward(backend, params)
         grad_w2 = xp.matmul(xp.matrix_transpose(hidden), residual)
         grad_b2 = xp.sum(residual, axis=0)
-        delta = xp.matmul(residual, xp.matrix_transpose(w2)) * (1 - hidden * hidden)
         grad_w1 = xp.matmul(xp.matrix_transpose(x), delta)
         grad_b1 = xp.sum(delta, axis=0)
         return _cast(backend, [grad_w1, grad_b1, grad_w2, grad_b2], dtype)
 
-    return Problem("mlp", initial, gradient, loss)
+    def layer_stats(
+        backend: Backend, params: list[Array], dtype: str
+    ) -> dict[tuple[int], tuple[Array, Array]]:
+        x, hidden, delta, residual = _cast(backend, list(backward(backend, params)), dtype)
+        return {(0,): (x, delta), (2,): (hidden, residual)}
+
+    return Problem("mlp", initial, gradient, loss, layer_stats)
 
 
 def _float64(backend: Backend, x: Array) -> Array:

@@ -81,11 +81,21 @@ def _run_torch(problem: Problem, steps: int, class_name: str, kwargs: dict[str, 
         optimizer = _torch_class(class_name)(params, **kwargs)
         trajectory = []
         for step in range(steps):
-            with torch.no_grad():
-                grads = problem.gradient(backend, [p.detach() for p in params], step, "float64")
-            for p, g in zip(params, grads):
-                p.grad = g.detach().clone()
-            optimizer.step()
+
+            def closure(step: int = step) -> Any:
+                """Sets the gradients at the current params; returns the loss (L-BFGS calls it)."""
+                with torch.no_grad():
+                    values = [p.detach() for p in params]
+                    grads = problem.gradient(backend, values, step, "float64")
+                for p, g in zip(params, grads):
+                    p.grad = g.detach().clone()
+                return problem.loss(backend, values, "float64") if problem.loss else None
+
+            if class_name == "LBFGS":
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
             trajectory.append([p.detach().numpy().copy() for p in params])
         return trajectory
     finally:
@@ -135,6 +145,38 @@ def _run_optax(problem: Problem, steps: int, builder: Callable[[Any], Any]) -> T
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         trajectory.append([np.asarray(p, dtype=np.float64) for p in params])
+    return trajectory
+
+
+def optax_lookahead(
+    fast: Callable[[Any], Any], sync_period: int, slow_step_size: float, label: str
+) -> Reference:
+    """``optax.lookahead(fast(optax), sync_period, slow_step_size)`` on ``LookaheadParams``
+    (gradients taken at the fast params; the trajectory is the fast params, which the sync
+    resets to the slow ones)."""
+    return Reference(
+        f"optax.lookahead({label})",
+        "jax",
+        lambda p, n: _run_optax_lookahead(p, n, fast, sync_period, slow_step_size),
+    )
+
+
+def _run_optax_lookahead(
+    problem: Problem, steps: int, fast: Callable[[Any], Any], sync_period: int, slow_step_size: float
+) -> Trajectory:
+    import optax
+
+    backend = get_backend("jax")
+    jnp = backend.module
+    tx = optax.lookahead(fast(optax), sync_period, slow_step_size)
+    params = optax.LookaheadParams.init_synced([jnp.asarray(p, dtype=jnp.float64) for p in problem.initial])
+    state = tx.init(params)
+    trajectory = []
+    for step in range(steps):
+        grads = problem.gradient(backend, params.fast, step, "float64")
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append([np.asarray(p, dtype=np.float64) for p in params.fast])
     return trajectory
 
 

@@ -97,16 +97,16 @@ def host_inputs(case: Case, problem: Problem, steps: int) -> HostInputs:
 
 
 def backend_inputs(
-    backend: Backend, host: dict[str, Any], dtype: str, problem: Problem, step: int
+    backend: Backend, host: dict[str, Any], dtype: str, problem: Problem, step: int, params: list[Any]
 ) -> dict[str, Any]:
     """One step's host inputs as ``backend`` arrays in ``dtype`` (None stays None), and problem
-    functions (SAM's ``grad_fn``...) bound to ``backend``, ``dtype`` and the step."""
+    functions (SAM's ``grad_fn``...) bound to ``backend``, ``dtype``, the step and ``params``."""
 
     def convert(value: Any) -> Any:
         if value is None:
             return None
         if isinstance(value, ProblemFunction):
-            return value.bind(backend, problem, step, dtype)
+            return value.bind(backend, problem, step, dtype, params)
         return [backend.asarray(v, dtype) for v in value]
 
     return {name: convert(value) for name, value in host.items()}
@@ -126,7 +126,7 @@ def run_functional(
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step)
+        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step, params)
         state, params = opt.step(state, grads, params, **step_inputs)
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
@@ -137,26 +137,42 @@ def run_adapters(
 ) -> list[tuple[str, Trajectory]]:
     """The backend's native entry points: (name, trajectory) for each ([] where there is none).
 
-    torch's ``Optimizer.step(closure)`` has no way to receive extra step inputs (the torch adapter
-    runs only rules without them), so a case with inputs runs no torch class entry;
-    :func:`run_cell` notes it.
+    The torch class runs only where it can take the case as given (see :func:`torch_class_for`);
+    :func:`run_cell` notes why where it cannot.
     """
     inputs = inputs if inputs is not None else host_inputs(case, problem, steps)
     if backend.framework == "torch":
-        if case.inputs:
+        cls, _ = torch_class_for(case)
+        if cls is None:
             return []
-        from agnostic_optim.adapters.torch import CLASS_FOR_FACTORY
-
-        cls = CLASS_FOR_FACTORY[case.optimizer]
         return [(f"torch.{cls.__name__}", _run_torch_class(cls, case, backend, dtype, problem, steps))]
     if backend.framework == "jax":
-        return [
-            ("as_optax", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=False)),
-            ("as_optax+jit", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=True)),
-        ]
+        runs = [("as_optax", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=False))]
+        if case.build().traceable:  # (L-BFGS branches on values: it refuses jax.jit)
+            runs.append(
+                ("as_optax+jit", _run_as_optax(case, backend, dtype, problem, steps, inputs, jit=True))
+            )
+        return runs
     if backend.framework in ("numpy", "array_api_strict", "cupy"):
         return [("ArrayOptimizer", _run_array_optimizer(case, backend, dtype, problem, steps, inputs))]
     return []
+
+
+def torch_class_for(case: Case) -> tuple[type | None, str]:
+    """(the named torch class that runs ``case`` from params and gradients, or None and why not).
+
+    ``torch.optim.Optimizer.step(closure)`` cannot receive the host-generated step inputs: the
+    torch classes of optimizers with inputs make them from autograd themselves (AdaHessian's
+    Hutchinson probes, Sophia's ``update_hessian``, SAM's and L-BFGS's closures, K-FAC's layer
+    hooks), and the wrappers are built on an optimizer instance; their own tests cover them."""
+    from agnostic_optim.adapters.torch import CLASS_FOR_FACTORY, TorchOptimizer
+
+    cls = CLASS_FOR_FACTORY[case.optimizer]
+    if case.inputs:
+        return None, f"torch.{cls.__name__} makes its step inputs from autograd (tested in tests/)"
+    if not issubclass(cls, TorchOptimizer):
+        return None, f"torch.{cls.__name__} is built on an optimizer or a model (tested in tests/)"
+    return cls, ""
 
 
 def _run_torch_class(
@@ -195,7 +211,7 @@ def _run_as_optax(
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step)
+        step_inputs = backend_inputs(backend, inputs[step], dtype, problem, step, params)
         # a function input (SAM's grad_fn) is closed over, as a jitted training step closes over
         # jax.grad(loss); this step's differs from the last one's, so the update is traced again
         functions = {k: v for k, v in step_inputs.items() if callable(v)}
@@ -220,7 +236,7 @@ def _run_array_optimizer(
     trajectory = []
     for step in range(steps):
         grads = problem.gradient(backend, params, step, dtype)
-        opt.step(grads, **backend_inputs(backend, inputs[step], dtype, problem, step))
+        opt.step(grads, **backend_inputs(backend, inputs[step], dtype, problem, step, params))
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
@@ -285,10 +301,8 @@ def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT
         reason = case.reference.unavailable() if case.reference else ""
         if reason:
             result.notes.append(f"{case.label}: reference {case.reference.name} skipped ({reason})")
-        if case.inputs and backend.framework == "torch":
-            result.notes.append(
-                f"{case.label}: torch class entry not run (step(closure) cannot take extra inputs)"
-            )
+        if backend.framework == "torch" and torch_class_for(case)[0] is None:
+            result.notes.append(f"{case.label}: torch class entry not run ({torch_class_for(case)[1]})")
         for problem in _problems(steps):
             if not case.runs_on(problem):
                 result.notes.append(f"{case.label}: not run on {problem.name} (it has no loss value)")

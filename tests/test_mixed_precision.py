@@ -499,6 +499,8 @@ def _inputs_for(entry: ao.RegistryEntry, backend: Backend, params: list[Any]) ->
             lambda ps: (sum(xp.sum(xp.astype(p, xp.float32) ** 2) for p in ps) / 2, list(ps))
         ),
         "hessian_diag": lambda: [xp.ones_like(p) for p in params],
+        # K-FAC stats of the (8, 4) leaf as a layer: 2 rows of inputs (in 4), of output grads (out 8)
+        "layer_stats": lambda: {(0,): (params[0][:2, :], xp.permute_dims(params[0], (1, 0))[:2, :])},
     }
     missing = sorted(set(entry.inputs) - set(makers))
     if missing:
@@ -511,6 +513,10 @@ def test_every_optimizer_accepts_kahan_bf16_with_fp32_state(name, rng):
     backend = require("torch")
     entry = ao.registry()[name]
     wrap = functools.partial(ao.mixed_precision, state_dtype="float32", compensation="kahan")
+    if not entry.wraps and entry.factory().rule is None:  # L-BFGS, K-FAC: refused, saying so
+        with pytest.raises(TypeError, match=f"built from an update rule, which {name} is not"):
+            wrap(entry.factory())
+        return
     # a wrapper (SAM, Lookahead) takes the mixed-precision base, as mixed_precision documents
     opt = entry.factory(wrap(ao.sgd(lr=0.01, momentum=0.9))) if entry.wraps else wrap(entry.factory())
     bf16, f32 = backend.dtype("bfloat16"), backend.dtype("float32")

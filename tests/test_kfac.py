@@ -1,0 +1,357 @@
+"""K-FAC against a float64 NumPy transcription of alecwangcq/KFAC-Pytorch, on every backend.
+
+The reference below is written here, independently of ``agnostic_optim``, line by line from
+KFAC-Pytorch's ``optimizers/kfac.py`` (``KFACOptimizer``: ``_save_input``, ``_save_grad_output``,
+``_update_inv``, ``_get_natural_grad``, ``_kl_clip_and_update_grad``, ``_step``, ``step``) and
+``utils/kfac_utils.py`` (``ComputeCovA.linear``, ``ComputeCovG.linear`` with
+``batch_averaged=True``, ``update_running_stat``). Its hooks see the inputs and output gradients
+of each ``nn.Linear``; here a hand-written NumPy backprop of a small MLP gives them, and the same
+backprop gives the core its ``layer_stats``.
+
+The MLP: ``y = W2 (s * tanh(W1 x + b1)) + b2`` with a per-unit gain ``s`` (a leaf no layer
+covers, as a norm layer's), loss ``½ mean_batch ‖y - t‖²``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import agnostic_optim as ao
+from agnostic_optim.conformance.compare import relative_error
+
+BATCH, IN, HIDDEN, OUT = 8, 3, 5, 2
+STEPS = 44  # weight decay starts at step 20 * T_cov = 40 (KFAC-Pytorch's delay)
+TCOV, TINV = 2, 4
+HPARAMS = dict(lr=0.05, momentum=0.9, stat_decay=0.95, damping=0.01, kl_clip=0.001, weight_decay=0.01)
+TOL = 1e-10
+
+
+def problem() -> tuple[dict, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(20260611)
+    params = {
+        "fc1": {"weight": rng.standard_normal((HIDDEN, IN)) / 2, "bias": rng.standard_normal(HIDDEN) / 4},
+        "gain": 1 + rng.standard_normal(HIDDEN) / 10,
+        "fc2": {"weight": rng.standard_normal((OUT, HIDDEN)) / 2, "bias": rng.standard_normal(OUT) / 4},
+    }
+    x = rng.standard_normal((BATCH, IN))
+    target = np.stack([np.sin(x[:, 0] + x[:, 1]), x[:, 2] * x[:, 0]], axis=1)
+    return params, x, target
+
+
+def forward_backward(params: dict, x: np.ndarray, target: np.ndarray):
+    """Loss, gradients (like params) and each layer's (input, output gradient) by hand."""
+    w1, b1, gain = params["fc1"]["weight"], params["fc1"]["bias"], params["gain"]
+    w2, b2 = params["fc2"]["weight"], params["fc2"]["bias"]
+    hidden = np.tanh(x @ w1.T + b1)
+    scaled = hidden * gain
+    y = scaled @ w2.T + b2
+    loss = 0.5 * np.mean(np.sum((y - target) ** 2, axis=1))
+    g2 = (y - target) / len(x)  # d loss / d y, the batch-mean loss
+    d_scaled = g2 @ w2
+    g1 = d_scaled * gain * (1 - hidden**2)  # d loss / d (W1 x + b1)
+    grads = {
+        "fc1": {"weight": g1.T @ x, "bias": g1.sum(0)},
+        "gain": (d_scaled * hidden).sum(0),
+        "fc2": {"weight": g2.T @ scaled, "bias": g2.sum(0)},
+    }
+    stats = {("fc1", "weight"): (x, g1), ("fc2", "weight"): (scaled, g2)}
+    return loss, grads, stats
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def kfac_reference(steps: int, lr, momentum, stat_decay, damping, kl_clip, weight_decay, TCov, TInv):
+    """KFAC-Pytorch's ``KFACOptimizer`` (linear layers with bias) in float64 NumPy.
+
+    Returns the params after every step, as ``{name: array}`` with names ``fc1.weight``...
+    """
+    init, x, target = problem()
+    p = {
+        "fc1.weight": init["fc1"]["weight"].copy(),
+        "fc1.bias": init["fc1"]["bias"].copy(),
+        "gain": init["gain"].copy(),
+        "fc2.weight": init["fc2"]["weight"].copy(),
+        "fc2.bias": init["fc2"]["bias"].copy(),
+    }
+    modules = ("fc1", "fc2")
+    m_aa, m_gg, d_a, Q_a, d_g, Q_g, buffers = {}, {}, {}, {}, {}, {}, {}
+    trajectory = []
+    for t in range(steps):
+        nested = {m: {"weight": p[f"{m}.weight"], "bias": p[f"{m}.bias"]} for m in modules}
+        _, nested_grads, stats = forward_backward({**nested, "gain": p["gain"]}, x, target)
+        grad = {f"{m}.{k}": nested_grads[m][k] for m in modules for k in ("weight", "bias")}
+        grad["gain"] = nested_grads["gain"]
+        if t % TCov == 0:  # _save_input / _save_grad_output hooks
+            for m in modules:
+                a, g = stats[(m, "weight")]
+                batch_size = a.shape[0]
+                a = np.concatenate([a, np.ones((batch_size, 1))], 1)
+                aa = a.T @ (a / batch_size)  # ComputeCovA.linear
+                gg = g.T @ (g * batch_size)  # ComputeCovG.linear, batch_averaged
+                if t == 0:
+                    m_aa[m], m_gg[m] = np.eye(aa.shape[0]), np.eye(gg.shape[0])
+                for running, new in ((m_aa[m], aa), (m_gg[m], gg)):  # update_running_stat
+                    running *= stat_decay / (1 - stat_decay)
+                    running += new
+                    running *= 1 - stat_decay
+        updates = {}
+        for m in modules:
+            if t % TInv == 0:  # _update_inv
+                eps = 1e-10
+                d_a[m], Q_a[m] = np.linalg.eigh(m_aa[m])
+                d_g[m], Q_g[m] = np.linalg.eigh(m_gg[m])
+                d_a[m] = d_a[m] * (d_a[m] > eps)
+                d_g[m] = d_g[m] * (d_g[m] > eps)
+            p_grad_mat = np.concatenate([grad[f"{m}.weight"], grad[f"{m}.bias"].reshape(-1, 1)], 1)
+            v1 = Q_g[m].T @ p_grad_mat @ Q_a[m]  # _get_natural_grad
+            v2 = v1 / (d_g[m][:, None] * d_a[m][None, :] + damping)
+            v = Q_g[m] @ v2 @ Q_a[m].T
+            updates[m] = [v[:, :-1], v[:, -1]]
+        vg_sum = 0.0  # _kl_clip_and_update_grad
+        for m in modules:
+            vg_sum += (updates[m][0] * grad[f"{m}.weight"] * lr**2).sum()
+            vg_sum += (updates[m][1] * grad[f"{m}.bias"] * lr**2).sum()
+        nu = min(1.0, math.sqrt(kl_clip / vg_sum))
+        for m in modules:
+            grad[f"{m}.weight"] = updates[m][0] * nu
+            grad[f"{m}.bias"] = updates[m][1] * nu
+        for name in p:  # _step
+            d_p = grad[name]
+            if weight_decay != 0 and t >= 20 * TCov:
+                d_p = d_p + weight_decay * p[name]
+            if momentum != 0:
+                buffers[name] = buffers.get(name, np.zeros_like(p[name])) * momentum + d_p
+                d_p = buffers[name]
+            p[name] = p[name] - lr * d_p
+        trajectory.append({k: v.copy() for k, v in p.items()})
+    return trajectory
+
+
+def flat(params: dict) -> dict[str, np.ndarray]:
+    return {
+        "fc1.weight": params["fc1"]["weight"],
+        "fc1.bias": params["fc1"]["bias"],
+        "gain": params["gain"],
+        "fc2.weight": params["fc2"]["weight"],
+        "fc2.bias": params["fc2"]["bias"],
+    }
+
+
+def worst(ours: list[dict], reference: list[dict]) -> float:
+    assert len(ours) == len(reference)
+    return max(relative_error(a[k], b[k]) for a, b in zip(ours, reference) for k in b)
+
+
+# --------------------------------------------------------------------------- the core
+
+
+def map_nested(fn, tree: dict) -> dict:
+    return {k: map_nested(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def run_core(backend, opt, steps: int = STEPS, step=None, stats_every_step: bool = True) -> list[dict]:
+    """The functional API on ``backend``; the test's backprop runs on host copies of the params."""
+    init, x, target = problem()
+    params = map_nested(backend.asarray, init)
+    state = opt.init(params)
+    step = step or opt.step
+    trajectory = []
+    for t in range(steps):
+        _, grads, stats = forward_backward(map_nested(backend.to_numpy, params), x, target)
+        stats = {k: (backend.asarray(a), backend.asarray(g)) for k, (a, g) in stats.items()}
+        if not stats_every_step and t % TCOV:
+            stats = None
+        state, params = step(state, map_nested(backend.asarray, grads), params, layer_stats=stats)
+        trajectory.append(flat(map_nested(backend.to_numpy, params)))
+    return trajectory
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    return kfac_reference(STEPS, TCov=TCOV, TInv=TINV, **HPARAMS)
+
+
+def kfac(**overrides):
+    return ao.kfac(**{**HPARAMS, "cov_update_frequency": TCOV, "inverse_update_frequency": TINV, **overrides})
+
+
+def test_reference_clips_some_steps_only():
+    """The problem exercises both sides of the KL clip and of the weight-decay delay."""
+    assert STEPS > 20 * TCOV
+    trajectory = kfac_reference(2, TCov=TCOV, TInv=TINV, **{**HPARAMS, "kl_clip": 1e9})
+    clipped = kfac_reference(2, TCov=TCOV, TInv=TINV, **HPARAMS)
+    assert relative_error(clipped[0]["gain"], trajectory[0]["gain"]) == 0  # gain: SGD only
+    assert relative_error(clipped[0]["fc1.weight"], trajectory[0]["fc1.weight"]) > 1e-3
+
+
+def test_core_matches_kfac_pytorch_on_every_backend(backend, reference):
+    error = worst(run_core(backend, kfac()), reference)
+    assert error <= TOL, f"{backend.name}: relative error {error:.2e}"
+
+
+def test_stats_may_be_left_out_on_steps_without_a_statistics_update(reference):
+    from agnostic_optim.conformance.backends import get_backend
+
+    error = worst(run_core(get_backend("numpy"), kfac(), stats_every_step=False), reference)
+    assert error <= TOL
+
+
+def test_jit_matches_eager(jax_backend):
+    import jax
+
+    opt = kfac()
+    eager = run_core(jax_backend, opt, steps=12)
+    jitted = run_core(jax_backend, opt, steps=12, step=jax.jit(opt.step))
+    assert worst(jitted, eager) <= 1e-12
+
+
+def test_in_out_layout_with_explicit_layers_on_a_list(reference):
+    """Weights stored (in, out) in a list, layers named by index (flax-style kernels)."""
+    init, x, target = problem()
+    order = [("fc1", "weight"), ("fc1", "bias"), ("gain",), ("fc2", "weight"), ("fc2", "bias")]
+
+    def as_list(tree: dict) -> list[np.ndarray]:
+        leaves = [tree[k[0]][k[1]] if len(k) == 2 else tree[k[0]] for k in order]
+        return [leaf.T if leaf.ndim == 2 else leaf for leaf in leaves]
+
+    def as_tree(leaves: list[np.ndarray]) -> dict:
+        w1, b1, gain, w2, b2 = (leaf.T if leaf.ndim == 2 else leaf for leaf in leaves)
+        return {"fc1": {"weight": w1, "bias": b1}, "gain": gain, "fc2": {"weight": w2, "bias": b2}}
+
+    opt = kfac(layers={(0,): (1,), (3,): (4,)}, weight_layout="in_out")
+    params = as_list(init)
+    state, ours = opt.init(params), []
+    for _ in range(STEPS):
+        _, grads, stats = forward_backward(as_tree(params), x, target)
+        layer_stats = {(0,): stats[("fc1", "weight")], (3,): stats[("fc2", "weight")]}
+        state, params = opt.step(state, as_list(grads), params, layer_stats=layer_stats)
+        ours.append(flat(as_tree(params)))
+    assert worst(ours, reference) <= TOL
+
+
+def test_float32_state_hparams_and_layers(torch_backend):
+    init, x, target = problem()
+    params = map_nested(lambda a: torch_backend.asarray(a, "float32"), init)
+    opt = kfac()
+    state = opt.init(params)
+    assert sorted(state.layers) == ["fc1.weight", "fc2.weight"]
+    assert tuple(state.layers["fc1.weight"].m_aa.shape) == (IN + 1, IN + 1)
+    assert tuple(state.layers["fc2.weight"].m_gg.shape) == (OUT, OUT)
+    _, grads, stats = forward_backward(map_nested(torch_backend.to_numpy, params), x, target)
+    grads = map_nested(lambda a: torch_backend.asarray(a, "float32"), grads)
+    stats = {k: tuple(torch_backend.asarray(a, "float32") for a in v) for k, v in stats.items()}
+    state, new = opt.step(state, grads, params, layer_stats=stats)
+    f32 = torch_backend.dtype("float32")
+    assert all(leaf.dtype == f32 for leaf in [*flat(new).values(), *state.layers["fc1.weight"]])
+    assert float(ao.get_hparams(state)["damping"]) == HPARAMS["damping"]
+    assert sorted(ao.get_hparams(state)) == sorted(HPARAMS)
+    state = ao.set_hparams(state, lr=0.5)
+    assert float(ao.get_hparams(state)["lr"]) == 0.5
+
+
+def test_bad_inputs_raise_before_anything_changes():
+    init, x, target = problem()
+    opt = kfac()
+    state = opt.init(init)
+    _, grads, stats = forward_backward(init, x, target)
+    with pytest.raises(ValueError, match="not one of the layers"):
+        opt.step(state, grads, init, layer_stats={("fc3", "weight"): stats[("fc1", "weight")]})
+    with pytest.raises(ValueError, match=r"activations must have shape \(batch..., 3\)"):
+        opt.step(state, grads, init, layer_stats={("fc1", "weight"): stats[("fc2", "weight")]})
+    with pytest.raises(TypeError, match="must map weight key paths"):
+        opt.step(state, grads, init, layer_stats=[stats[("fc1", "weight")]])
+    with pytest.raises(ValueError, match="no leaf path"):
+        ao.kfac(layers={("fc1", "weight"): ("fc1", "beta")}).init(init)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ao.kfac(layers={("gain",): None}).init(init)
+    for bad in (dict(stat_decay=1.0), dict(damping=-1.0), dict(kl_clip=0.0), dict(cov_update_frequency=0)):
+        with pytest.raises(ValueError):
+            ao.kfac(**bad)
+    assert int(state.count) == 0
+
+
+def test_loss_decreases_faster_than_sgd():
+    init, x, target = problem()
+
+    def final_loss(opt: ao.Optimizer, steps: int = 30) -> float:
+        params, state = init, opt.init(init)
+        for _ in range(steps):
+            _, grads, stats = forward_backward(params, x, target)
+            inputs = {"layer_stats": stats} if opt.inputs else {}
+            state, params = opt.step(state, grads, params, **inputs)
+        return forward_backward(params, x, target)[0]
+
+    initial = forward_backward(init, x, target)[0]
+    ours = final_loss(
+        ao.kfac(lr=0.1, damping=0.01, kl_clip=0.01, cov_update_frequency=1, inverse_update_frequency=1)
+    )
+    sgd = final_loss(ao.sgd(lr=0.1, momentum=0.9))
+    assert ours < 0.6 * sgd < initial / 10
+
+
+# --------------------------------------------------------------------------- the torch class
+
+
+def torch_model(torch):
+    init, _, _ = problem()
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(IN, HIDDEN, dtype=torch.float64)
+            self.gain = torch.nn.Parameter(torch.tensor(init["gain"]))
+            self.fc2 = torch.nn.Linear(HIDDEN, OUT, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)) * self.gain)
+
+    model = MLP()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.tensor(flat(init)[name]))
+    return model
+
+
+def torch_steps(torch, model, opt, steps: int) -> list[dict]:
+    _, x, target = problem()
+    x, target = torch.tensor(x), torch.tensor(target)
+    trajectory = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - target) ** 2).sum(1).mean()
+        loss.backward()
+        opt.step()
+        trajectory.append({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    return trajectory
+
+
+def test_torch_class_matches_kfac_pytorch(torch_backend, reference):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    model = torch_model(torch)
+    opt = KFAC(model, cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    assert worst(torch_steps(torch, model, opt, STEPS), reference) <= TOL
+
+
+def test_torch_class_state_dict_round_trip(torch_backend):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    kwargs = dict(cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    model = torch_model(torch)
+    opt = KFAC(model, **kwargs)
+    torch_steps(torch, model, opt, 5)
+    saved = opt.state_dict()
+    assert "layers.fc1.weight.q_a" in saved["state"] and "momentum_buffer.gain" in saved["state"]
+    resumed_model = torch_model(torch)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = KFAC(resumed_model, **kwargs)
+    resumed.load_state_dict(saved)
+    assert worst(torch_steps(torch, resumed_model, resumed, 5), torch_steps(torch, model, opt, 5)) == 0

@@ -1,0 +1,179 @@
+"""The torch classes of the diagonal-curvature optimizers: AdaHessian and Sophia.
+
+Both run the core's rule; what the adapter adds is the Hessian estimate, taken from autograd:
+AdaHessian draws a Rademacher probe ``z`` each step and passes ``z ⊙ Hz`` (the gradients
+carry their graph: ``backward(create_graph=True)``), Sophia takes ``ĝ ⊙ ĝ`` of the gradients
+present when ``update_hessian()`` is called (the official SophiaG API). Each test replays the
+same estimates through the functional API (``ao.adahessian`` / ``ao.sophia``, themselves checked
+against the official code in ``test_reference_curvature.py``) and requires the same params.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+import agnostic_optim as ao
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+ours = pytest.importorskip("agnostic_optim.adapters.torch")
+nn, F = torch.nn, torch.nn.functional
+
+STEPS = 12
+TOL = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    with warnings.catch_warnings():  # backward(create_graph=True)'s reference-cycle advice
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        yield
+    torch.set_default_dtype(previous)
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1))
+
+
+def make_data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 2, 4, 4, generator=generator)
+    return x, torch.randn(8, 1, generator=generator)
+
+
+def loss_of(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.mse_loss(model(data[0]), data[1])
+
+
+@torch.no_grad()
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b) if y.abs().max() > 0)
+
+
+def test_adahessian_class_passes_hutchinson_estimates_to_the_rule() -> None:
+    """Two param groups (the conv kernel takes the 4-D spatial averaging) and a scheduler."""
+    data = make_data()
+    model, twin = make_model(), make_model()
+    hparams = dict(lr=0.05, weight_decay=1e-3, hessian_power=0.5)
+    opt = ours.AdaHessian(
+        [{"params": model[0].parameters()}, {"params": model[3].parameters(), "lr": 0.02}], **hparams
+    )
+    core = {lr: ao.adahessian(**{**hparams, "lr": lr}) for lr in (0.05, 0.02)}
+    groups = [list(twin[0].parameters()), list(twin[3].parameters())]
+    states = [
+        core[0.05].init([p.detach() for p in groups[0]]),
+        core[0.02].init([p.detach() for p in groups[1]]),
+    ]
+    for step in range(STEPS):
+        torch.manual_seed(100 + step)
+        opt.zero_grad()
+        loss_of(model, data).backward(create_graph=True)
+        opt.step()
+
+        torch.manual_seed(100 + step)  # the same probes, in the same order (params of all groups)
+        params = [p for group in groups for p in group]
+        grads = torch.autograd.grad(loss_of(twin, data), params, create_graph=True)
+        probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+        products = torch.autograd.grad(grads, params, grad_outputs=probes)
+        estimates = [z * hz for z, hz in zip(probes, products)]
+        offset = 0
+        for i, (group, lr) in enumerate(zip(groups, (0.05, 0.02))):
+            n = len(group)
+            values = [p.detach() for p in group]
+            states[i], new = core[lr].step(
+                states[i],
+                [g.detach() for g in grads[offset : offset + n]],
+                values,
+                hessian_diag=estimates[offset : offset + n],
+            )
+            with torch.no_grad():
+                for p, value in zip(group, new):
+                    p.copy_(value)
+            offset += n
+        assert close(list(model.parameters()), list(twin.parameters())) <= TOL, step
+    assert sorted(opt.state[model[0].weight]) == ["exp_avg", "exp_hessian_diag_sq", "hessian_step", "step"]
+
+
+def test_adahessian_needs_gradients_with_their_graph() -> None:
+    model, data = make_model(), make_data()
+    opt = ours.AdaHessian(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, data).backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_adahessian_class_trains_and_resumes_from_state_dict() -> None:
+    data = make_data()
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> list[float]:
+        losses = []
+        for step in steps:
+            torch.manual_seed(step)  # the probes of step ``step``
+            opt.zero_grad()
+            loss = loss_of(model, data)
+            loss.backward(create_graph=True)
+            losses.append(loss.item())
+            opt.step()
+        return losses
+
+    model = make_model()
+    opt = ours.AdaHessian(model.parameters(), lr=0.05)
+    losses = run(model, opt, range(15))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_model = copy.deepcopy(model)
+    losses += run(model, opt, range(15, 30))
+    assert np.isfinite(losses[-1]) and losses[-1] < 0.5 * losses[0], losses
+
+    resumed = ours.AdaHessian(resumed_model.parameters(), lr=0.05)
+    resumed.load_state_dict(saved)
+    run(resumed_model, resumed, range(15, 30))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_sophia_class_folds_update_hessian_estimates_into_the_next_step() -> None:
+    data = make_data()
+    model, twin = make_model(), make_model()
+    hparams = dict(lr=1e-2, rho=0.05, bs=8, weight_decay=0.1)
+    opt = ours.Sophia(model.parameters(), **hparams)
+    core = ao.sophia(**hparams)
+    params = list(twin.parameters())
+    state = core.init([p.detach() for p in params])
+    pending = None
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, data).backward()
+        opt.step()
+        grads = torch.autograd.grad(loss_of(twin, data), params)
+        state, new = core.step(state, list(grads), [p.detach() for p in params], hessian_diag=pending)
+        with torch.no_grad():
+            for p, value in zip(params, new):
+                p.copy_(value)
+        pending = None
+        if step % 3 == 1:  # every 3 steps: a loss on labels sampled from the model (GNB)
+            generator = torch.Generator().manual_seed(step)
+            for m in (model, twin):
+                m.zero_grad()
+                out = m(data[0])
+                sampled = out.detach() + torch.randn(out.shape, generator=generator)
+                F.mse_loss(out, sampled).backward()
+                generator.manual_seed(step)
+            opt.update_hessian()
+            pending = [p.grad.detach() * p.grad.detach() for p in params]
+        assert close(list(model.parameters()), params) <= TOL, step
+
+
+def test_sophia_update_hessian_twice_without_a_step_is_refused() -> None:
+    model, data = make_model(), make_data()
+    opt = ours.Sophia(model.parameters())
+    loss_of(model, data).backward()
+    opt.update_hessian()
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.update_hessian()
