@@ -12,14 +12,17 @@ A forward hook on every ``nn.Linear`` records its input and, through a hook on i
 tensor, the gradient of the loss with respect to that output (KFAC-Pytorch uses a backward
 module hook; a tensor hook gives the same gradient without torch's warning for a first layer
 whose input needs no gradient), on the steps where statistics are due
-(``step % cov_update_frequency == 0``, as KFAC-Pytorch's ``steps % TCov``), from the latest
-forward and backward pass before ``step()``. ``step`` hands them to the core as
-``layer_stats`` with the gradients; the core computes, this class only translates. Other
-parameters (norm layers, embeddings...) get the core's SGD part.
+(``step % cov_update_frequency == 0``, as KFAC-Pytorch's ``steps % TCov``). ``step`` hands
+them to the core as ``layer_stats`` with the gradients, then drops them; the core computes,
+this class only translates. Other parameters (norm layers, embeddings...) get the core's SGD
+part.
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +33,8 @@ from agnostic_optim import checkpoint
 
 _NUMERIC = ("lr", "momentum", "stat_decay", "damping", "kl_clip", "weight_decay")
 
+LayerKey = tuple[str]
+
 
 class KFAC(torch.optim.Optimizer):
     """K-FAC for the ``nn.Linear`` layers of ``model`` (see :func:`agnostic_optim.kfac`).
@@ -39,7 +44,32 @@ class KFAC(torch.optim.Optimizer):
     every step, so ``torch.optim.lr_scheduler`` works. ``cov_update_frequency`` and
     ``inverse_update_frequency`` are KFAC-Pytorch's ``TCov`` and ``TInv``. Every parameter must
     have a gradient when ``step`` runs.
+
+    Layers are named by their weight's name in ``model.named_parameters()``, so tied weights
+    (``lm_head.weight = emb.weight``) work: a weight used by one ``nn.Linear`` is that layer's,
+    preconditioned with its statistics, as KFAC-Pytorch does. A weight (or bias) shared by
+    several ``nn.Linear`` modules has no well-defined factors: it gets the SGD part only, with a
+    ``UserWarning`` naming it.
+
+    Statistics: on a step where they are due (:attr:`stats_due`), ``step`` uses the input and
+    the output gradient of each layer from the latest backward pass run while ``acc_stats`` is
+    true (with the forward pass of that backward). ``acc_stats`` starts ``True``, so by default
+    the backward of the loss itself is used (the empirical Fisher). KFAC-Pytorch's true-Fisher
+    loop samples labels from the model instead::
+
+        if opt.stats_due:
+            opt.acc_stats = True
+            loss_fn(out, sampled_labels).backward(retain_graph=True)
+            opt.acc_stats = False
+            opt.zero_grad()
+        loss_fn(out, y).backward()
+        opt.step()
+
+    The hooks hold the optimizer weakly and go when it is garbage-collected, or at once with
+    :meth:`remove_hooks`.
     """
+
+    acc_stats: bool  # record statistics from the backward passes run while this is true
 
     def __init__(
         self,
@@ -61,62 +91,41 @@ class KFAC(torch.optim.Optimizer):
             lr=lr, momentum=momentum, stat_decay=stat_decay, damping=damping, kl_clip=kl_clip,
             weight_decay=weight_decay,
         )  # fmt: skip
-        super().__init__([p for _, p in named], defaults)
-        self._names = [name for name, _ in named]
-        trainable = dict(named)
-        layers: dict[tuple[str], tuple[str] | None] = {}
-        self._linear_modules: dict[tuple[str], torch.nn.Linear] = {}
-        for prefix, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
-                key = (f"{prefix}.weight" if prefix else "weight",)
-                bias = key[0][: -len("weight")] + "bias"
-                layers[key] = (bias,) if module.bias is not None and bias in trainable else None
-                self._linear_modules[key] = module
-        self._opt = ao.kfac(
+        layers, modules = _linear_layers(model, {id(p): name for name, p in named})
+        opt = ao.kfac(
             **defaults,
             cov_update_frequency=cov_update_frequency,
             inverse_update_frequency=inverse_update_frequency,
             batch_averaged=batch_averaged,
             layers=layers,
         )
+        super().__init__([p for _, p in named], defaults)
+        self._names = [name for name, _ in named]
+        self._opt = opt
         self._cov_update_frequency = cov_update_frequency
-        self._kfac_state = self._opt.init(self._params())
+        self._kfac_state = opt.init(self._params())
         self._steps = 0
-        self._captured: dict[tuple[str], dict[str, torch.Tensor]] = {}
-        self._stat_hooks = [
-            module.register_forward_hook(self._capture_hook(key))
-            for key, module in self._linear_modules.items()
-        ]
+        self._captured: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.acc_stats = True
+        ref = weakref.ref(self)
+        handles = [module.register_forward_hook(_capture_hook(ref, key)) for key, module in modules.items()]
+        self._hooks = weakref.finalize(self, _remove_handles, handles)
 
-    # ------------------------------------------------------------------ hooks
-
-    def _stats_due(self) -> bool:
+    @property
+    def stats_due(self) -> bool:
+        """Whether the next ``step`` updates the statistics (KFAC-Pytorch's ``steps % TCov == 0``)."""
         return self._steps % self._cov_update_frequency == 0
 
-    def _capture_hook(self, key: tuple[str]) -> Callable[..., None]:
-        """A forward hook recording the layer's input and, through a hook on its output, the
-        gradient with respect to that output, on steps where statistics are due."""
-
-        def save_output_grad(grad: torch.Tensor) -> None:
-            self._captured.setdefault(key, {})["output_grads"] = grad.detach()
-
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if torch.is_grad_enabled() and output.requires_grad and self._stats_due():
-                self._captured.setdefault(key, {})["activations"] = inputs[0].detach()
-                output.register_hook(save_output_grad)
-
-        return hook
+    def remove_hooks(self) -> None:
+        """Remove the hooks from the model and drop what they recorded. Later steps get no new
+        statistics: the layers keep their factors. Done by itself when the optimizer is collected."""
+        self._hooks()
+        self._captured.clear()
 
     # ------------------------------------------------------------------ step
 
     def _params(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in zip(self._names, self.param_groups[0]["params"])}
-
-    def _layer_stats(self) -> dict[tuple[str], tuple[torch.Tensor, torch.Tensor]] | None:
-        if not self._stats_due():
-            return None
-        complete = {k: v for k, v in self._captured.items() if len(v) == 2}
-        return {k: (v["activations"], v["output_grads"]) for k, v in complete.items()} or None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -133,7 +142,8 @@ class KFAC(torch.optim.Optimizer):
         state = ao.set_hparams(
             self._kfac_state, **{k: group[k] for k in ao.get_hparams(self._kfac_state) if k in _NUMERIC}
         )
-        self._kfac_state, new_params = self._opt.step(state, grads, params, layer_stats=self._layer_stats())
+        stats = (self._captured if self.stats_due else {}) or None
+        self._kfac_state, new_params = self._opt.step(state, grads, params, layer_stats=stats)
         for name, p in zip(self._names, group["params"]):
             p.copy_(new_params[name])
         self._captured.clear()
@@ -150,8 +160,62 @@ class KFAC(torch.optim.Optimizer):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["state"]
-        self._kfac_state = checkpoint.state_from_dict(self._kfac_state, saved)
+        """Load a ``state_dict``; both parts are checked first, a failing load changes nothing."""
+        kfac_state = checkpoint.state_from_dict(self._kfac_state, state_dict["state"])
         super().load_state_dict({**state_dict, "state": {}})
-        self._steps = int(self._kfac_state.count)
+        self._kfac_state = kfac_state
+        self._steps = int(kfac_state.count)
         self._captured.clear()
+
+
+def _linear_layers(
+    model: torch.nn.Module, names: dict[int, str]
+) -> tuple[dict[LayerKey, LayerKey | None], dict[LayerKey, torch.nn.Linear]]:
+    """The core's ``layers`` and each layer's module, named by the canonical names ``names``
+    (``id(param) -> name`` of the trainable params); warns about params several modules share."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    uses = Counter(id(p) for m in linears for p in (m.weight, m.bias) if p is not None)
+    shared = sorted(names[i] for i, n in uses.items() if n > 1 and i in names)
+    if shared:
+        warnings.warn(
+            f"KFAC: {shared} belong to several nn.Linear modules, whose K-FAC factors are "
+            "ill-defined; they get the SGD part only",
+            UserWarning,
+            stacklevel=3,
+        )
+    layers: dict[LayerKey, LayerKey | None] = {}
+    modules: dict[LayerKey, torch.nn.Linear] = {}
+    for module in linears:
+        weight = names.get(id(module.weight))
+        if weight is None or weight in shared:
+            continue
+        bias = names.get(id(module.bias)) if module.bias is not None else None
+        layers[(weight,)] = (bias,) if bias is not None and bias not in shared else None
+        modules[(weight,)] = module
+    return layers, modules
+
+
+def _capture_hook(ref: weakref.ReferenceType[KFAC], key: LayerKey) -> Callable[..., None]:
+    """A forward hook that, on steps where statistics are due, hooks the layer's output to record
+    ``(input, output gradient)`` from backward passes run while ``acc_stats`` is true. It holds
+    the optimizer weakly, so a model never keeps its optimizer alive."""
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        opt = ref()
+        if opt is None or not (torch.is_grad_enabled() and output.requires_grad and opt.stats_due):
+            return
+        activations = inputs[0].detach()
+
+        def save(grad: torch.Tensor) -> None:
+            owner = ref()
+            if owner is not None and owner.acc_stats:
+                owner._captured[key] = (activations, grad.detach())
+
+        output.register_hook(save)
+
+    return hook
+
+
+def _remove_handles(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()

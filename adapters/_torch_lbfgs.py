@@ -117,10 +117,17 @@ class LBFGS(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict``, keeping each saved tensor's dtype (torch would cast
-        the float64 scalars to the params' dtype)."""
+        the float64 scalars to the params' dtype). A state saved by ``torch.optim.LBFGS`` (flat
+        vectors, list histories) is refused: its layout is not this one."""
+        saved = next(iter(state_dict["state"].values()), None)
+        expected = set(ao.LBFGSState._fields) - {"hparams", "scheduled"}
+        if saved and set(saved) != expected:
+            raise ValueError(
+                f"not a state of agnostic_optim's LBFGS (entries {sorted(saved)}, expected "
+                f"{sorted(expected)}); a torch.optim.LBFGS state does not load here"
+            )
         super().load_state_dict(state_dict)
         first = self._params[0]
-        saved = next(iter(state_dict["state"].values()), None)
 
         def moved(value: Any) -> Any:
             if isinstance(value, list):

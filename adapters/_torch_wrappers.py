@@ -73,6 +73,8 @@ class SAM(torch.optim.Optimizer):
         """Move every param with a gradient to ``θ + e`` (keeping ``θ`` to return to)."""
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, members in groups for p in members]
+        if any("old_p" in self.state[p] for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("SAM.first_step() called twice: call second_step() first")
         if params:
             flags = [bool(g["adaptive"]) for g, members in groups for _ in members]
             norm = sam_grad_norm(XP, [p.grad for p in params], params, flags)
@@ -88,11 +90,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``θ`` and take the base optimizer's step with the current gradients."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None)
-                if old is not None:
-                    p.copy_(old)
+        self._restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -107,10 +105,23 @@ class SAM(torch.optim.Optimizer):
                 "(or call first_step() and second_step() around your own second pass)"
             )
         self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            loss = closure()
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._restore()  # an error in the closure leaves the params at θ, not θ + e
+            raise
         self.second_step()
         return loss
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Move perturbed params back to the ``θ`` that ``first_step`` kept."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                old = self.state[p].pop("old_p", None)
+                if old is not None:
+                    p.copy_(old)
 
     def state_dict(self) -> dict[str, Any]:
         return self.base_optimizer.state_dict()
@@ -188,8 +199,12 @@ class Lookahead(torch.optim.Optimizer):
         )
         self.param_groups = self.base_optimizer.param_groups
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for key in ("lookahead_k", "lookahead_alpha", "lookahead_step"):  # (a base-only dict)
+                group.setdefault(key, self.defaults[key])
             for p, index in zip(group["params"], saved["params"]):
                 if _SLOW in saved_state.get(index, {}):
                     self.state[p][_SLOW] = saved_state[index][_SLOW].to(
                         device=p.device, dtype=p.dtype, copy=True
                     )
+                else:  # the slow weights start from the loaded params, as at construction
+                    self.state[p][_SLOW] = p.detach().clone()

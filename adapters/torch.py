@@ -37,6 +37,7 @@ import inspect
 import itertools
 import operator
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,7 +46,7 @@ import array_api_compat.torch
 import torch
 
 import agnostic_optim as ao
-from agnostic_optim import _backend, chunking, engine
+from agnostic_optim import _backend, blocks, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
 from agnostic_optim.adapters._torch_kfac import KFAC
 from agnostic_optim.adapters._torch_lbfgs import LBFGS
@@ -277,6 +278,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = False
     _implicit_step = False  # see _keeps_step
+    _own_inputs: tuple[str, ...] = ()  # the rule's step inputs the class makes (AdaHessian, Sophia)
 
     def __init__(
         self,
@@ -287,6 +289,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         **hparams: Any,
     ):
         self._factory = _resolve_factory(factory)
+        wrapper = next((e for e in ao.registry().values() if e.factory is self._factory and e.wraps), None)
+        if wrapper is not None:
+            raise TypeError(
+                f"TorchOptimizer cannot run {wrapper.name}: it wraps a base optimizer; use "
+                f"agnostic_optim.adapters.torch.{CLASS_FOR_FACTORY[wrapper.name].__name__}"
+            )
         defaults = _factory_defaults(self._factory)
         self._factory_options = tuple(defaults.items())  # (read every step: kept, not re-inspected)
         for flag in _TORCH_EXECUTION_FLAGS:
@@ -337,7 +345,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         key = (_structure_key(options), tuple(precision.items()))
         if key not in self._rules:
             opt = self._factory(**{k: _plain(v) for k, v in options.items()})
-            if opt.rule is None or (opt.inputs and type(self)._step_inputs is TorchOptimizer._step_inputs):
+            if opt.rule is None or set(opt.inputs) - set(self._own_inputs):
                 name = getattr(self._factory, "__name__", repr(self._factory))
                 special = CLASS_FOR_FACTORY.get(name)
                 use = f": use agnostic_optim.adapters.torch.{special.__name__}" if special else ""
@@ -412,7 +420,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
         """The rule's per-param step inputs this step (``hessian_diag``...): name -> id(param) ->
-        tensor. Plain optimizers take none; AdaHessian and Sophia fill theirs from autograd."""
+        tensor. Plain optimizers take none; AdaHessian makes its Hessian estimates from autograd."""
         return {}
 
     def _plan(
@@ -587,7 +595,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
             # Dynamo's cache entries on a code object are not freed with it: drop them with us
             weakref.finalize(self, _release_compiled, own.__code__)
-            self._compiled[id(rule)] = torch.compile(own, dynamic=False, options={"size_asserts": False})
+            compiled = torch.compile(own, dynamic=False, options={"size_asserts": False})
+            self._compiled[id(rule)] = _eager_if_compiler_fails(compiled, own, rule.name)
         return self._compiled[id(rule)]
 
 
@@ -616,6 +625,33 @@ def _subset_inputs(
             raise RuntimeError(f"{rule.name}: {name} is missing for some params of a param group")
         out[name] = found
     return out
+
+
+def _eager_if_compiler_fails(compiled: Callable[..., None], eager: Callable[..., None], name: str):
+    """``compiled``, or ``eager`` from the first time the compiler fails (with a warning).
+
+    A compiler failure is raised while compiling, before the step runs, so nothing has been
+    written yet and the eager function can take the step. (Inductor 2.13 on CPU fails on
+    AdaHessian's kernel-averaged Hessian feeding two in-place outputs.)"""
+    current = compiled
+
+    def step(*args: Any) -> None:
+        nonlocal current
+        try:
+            current(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if current is eager:
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(
+                f"torch.compile failed on {name}'s step ({first_line}); it runs eagerly, leaf by leaf",
+                UserWarning,
+                stacklevel=6,  # (the user's opt.step() call, through torch's step wrappers)
+            )
+            current = eager
+            eager(*args)
+
+    return step
 
 
 def _release_compiled(code: types.CodeType) -> None:
@@ -828,6 +864,8 @@ class AdaHessian(_named_class("AdaHessian", ao.adahessian)):
         + inspect.getdoc(ao.adahessian)
     )
 
+    _own_inputs = ("hessian_diag",)
+
     def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         curved = [p for p in params if p.grad.grad_fn is not None]
@@ -854,25 +892,33 @@ class Sophia(_named_class("Sophia", ao.sophia)):
     __doc__ = (
         "``torch.optim.Optimizer`` running ``agnostic_optim.sophia``. As with the official "
         "SophiaG, call ``update_hessian()`` every k steps right after back-propagating a loss on "
-        "labels sampled from the model (the Gauss-Newton-Bartlett estimator): the current "
-        "gradients' squares ``ĝ ⊙ ĝ`` become the estimate the next ``step()`` folds into the "
-        "Hessian EMA -- the same sequence of operations as the official code. Steps without a "
-        "pending estimate keep the EMA as it is.\n\n" + inspect.getdoc(ao.sophia)
+        "labels sampled from the model (the Gauss-Newton-Bartlett estimator): it folds the "
+        "gradients' squares ``ĝ ⊙ ĝ`` into the ``hessian`` EMA of every param with a gradient, "
+        "there and then (so a checkpoint taken before the next step holds it).\n\n"
+        + inspect.getdoc(ao.sophia)
     )
 
-    def update_hessian(self) -> None:
-        """Take ``p.grad ⊙ p.grad`` of every param with a gradient as the next step's estimate."""
-        pending = self.__dict__.setdefault("_pending_hessian", {})
-        if pending:
-            raise RuntimeError("update_hessian() was called twice without a step() in between")
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    pending[id(p)] = (p.grad * p.grad).detach()
+    _own_inputs = ("hessian_diag",)  # (folded in by update_hessian)
 
-    def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
-        pending = self.__dict__.pop("_pending_hessian", None)
-        return {"hessian_diag": pending} if pending else {}
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """``h <- β2 h + (1 - β2) ĝ ⊙ ĝ`` for every param with a gradient (SophiaG's
+        ``update_hessian``; a param without state gets it, as there)."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            rule = self._optimizer_for(group).rule
+            beta2 = torch.tensor(float(group["betas"][1]), dtype=torch.float64)
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(_initial_param_state(rule, p, _shared_counters([0.0])[0]))
+                dtype = rule.precision.compute_dtype(XP, p)
+                g = p.grad.to(dtype)
+                hessian = state["hessian"]
+                decay, weight = (x.to(device=p.device, dtype=dtype) for x in (beta2, 1 - beta2))
+                hessian.copy_(blocks.ema(hessian.to(dtype), g * g, decay, weight))
 
 
 # The class of every registered factory (tests check that none is missing).

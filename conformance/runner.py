@@ -163,11 +163,14 @@ def torch_class_for(case: Case) -> tuple[type | None, str]:
 
     ``torch.optim.Optimizer.step(closure)`` cannot receive the host-generated step inputs: the
     torch classes of optimizers with inputs make them from autograd themselves (AdaHessian's
-    Hutchinson probes, Sophia's ``update_hessian``, SAM's and L-BFGS's closures, K-FAC's layer
-    hooks), and the wrappers are built on an optimizer instance; their own tests cover them."""
-    from agnostic_optim.adapters.torch import CLASS_FOR_FACTORY, TorchOptimizer
+    Hutchinson probes, Sophia's ``update_hessian``, SAM's closure, K-FAC's layer hooks), and the
+    wrappers are built on an optimizer instance; their own tests cover them. L-BFGS's input is
+    the objective, which its class takes as torch.optim.LBFGS does: as the step's closure."""
+    from agnostic_optim.adapters.torch import CLASS_FOR_FACTORY, LBFGS, TorchOptimizer
 
     cls = CLASS_FOR_FACTORY[case.optimizer]
+    if cls is LBFGS:
+        return cls, ""
     if case.inputs:
         return None, f"torch.{cls.__name__} makes its step inputs from autograd (tested in tests/)"
     if not issubclass(cls, TorchOptimizer):
@@ -185,11 +188,21 @@ def _run_torch_class(
     opt = cls(params, **case.kwargs)
     trajectory = []
     for step in range(steps):
-        with torch.no_grad():
-            grads = problem.gradient(backend, [p.detach() for p in params], step, dtype)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
+
+        def closure(step: int = step) -> Any:
+            """The gradients at the current params; the loss, for a class that asks (L-BFGS)."""
+            with torch.no_grad():
+                values = [p.detach() for p in params]
+                grads = problem.gradient(backend, values, step, dtype)
+            for p, g in zip(params, grads):
+                p.grad = g
+            return problem.loss(backend, values, dtype) if problem.loss else None
+
+        if "value_and_grad_fn" in case.inputs:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
         trajectory.append([backend.to_numpy(p) for p in params])
     return trajectory
 
@@ -305,7 +318,7 @@ def run_cell(optimizer: str, backend_name: str, dtype: str, steps: int = DEFAULT
             result.notes.append(f"{case.label}: torch class entry not run ({torch_class_for(case)[1]})")
         for problem in _problems(steps):
             if not case.runs_on(problem):
-                result.notes.append(f"{case.label}: not run on {problem.name} (it has no loss value)")
+                result.notes.append(f"{case.label}: not run on {problem.name} (no loss value or layers)")
                 continue
             expected = _baseline(case, problem, steps)
             inputs = _host_inputs(case, problem, steps)

@@ -9,12 +9,17 @@ of each ``nn.Linear``; here a hand-written NumPy backprop of a small MLP gives t
 backprop gives the core its ``layer_stats``.
 
 The MLP: ``y = W2 (s * tanh(W1 x + b1)) + b2`` with a per-unit gain ``s`` (a leaf no layer
-covers, as a norm layer's), loss ``½ mean_batch ‖y - t‖²``.
+covers, as a norm layer's), loss ``½ mean_batch ‖y - t‖²``. Its predictive distribution is
+``N(y, I)``: KFAC-Pytorch's true-Fisher loop takes the statistics from a backward pass on targets
+sampled from it, ``y + ε`` (``noise``).
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -41,6 +46,16 @@ def problem() -> tuple[dict, np.ndarray, np.ndarray]:
     return params, x, target
 
 
+def noise() -> np.ndarray:
+    """ε of every step, for targets ``y + ε`` sampled from the model's predictive distribution."""
+    return np.random.default_rng(7).standard_normal((STEPS, BATCH, OUT))
+
+
+def predict(params: dict, x: np.ndarray) -> np.ndarray:
+    hidden = np.tanh(x @ params["fc1"]["weight"].T + params["fc1"]["bias"])
+    return (hidden * params["gain"]) @ params["fc2"]["weight"].T + params["fc2"]["bias"]
+
+
 def forward_backward(params: dict, x: np.ndarray, target: np.ndarray):
     """Loss, gradients (like params) and each layer's (input, output gradient) by hand."""
     w1, b1, gain = params["fc1"]["weight"], params["fc1"]["bias"], params["gain"]
@@ -64,10 +79,15 @@ def forward_backward(params: dict, x: np.ndarray, target: np.ndarray):
 # --------------------------------------------------------------------------- reference
 
 
-def kfac_reference(steps: int, lr, momentum, stat_decay, damping, kl_clip, weight_decay, TCov, TInv):
+def kfac_reference(
+    steps: int, lr, momentum, stat_decay, damping, kl_clip, weight_decay, TCov, TInv, sampled=None
+):
     """KFAC-Pytorch's ``KFACOptimizer`` (linear layers with bias) in float64 NumPy.
 
-    Returns the params after every step, as ``{name: array}`` with names ``fc1.weight``...
+    With ``sampled`` (ε per step), KFAC-Pytorch's true-Fisher training loop: on the steps with
+    statistics, its hooks see the backward pass on the sampled targets ``y + ε`` (``acc_stats``
+    true), not the one on the real targets. Returns the params after every step, as
+    ``{name: array}`` with names ``fc1.weight``...
     """
     init, x, target = problem()
     p = {
@@ -86,6 +106,9 @@ def kfac_reference(steps: int, lr, momentum, stat_decay, damping, kl_clip, weigh
         grad = {f"{m}.{k}": nested_grads[m][k] for m in modules for k in ("weight", "bias")}
         grad["gain"] = nested_grads["gain"]
         if t % TCov == 0:  # _save_input / _save_grad_output hooks
+            if sampled is not None:
+                params = {**nested, "gain": p["gain"]}
+                stats = forward_backward(params, x, predict(params, x) + sampled[t])[2]
             for m in modules:
                 a, g = stats[(m, "weight")]
                 batch_size = a.shape[0]
@@ -316,13 +339,21 @@ def torch_model(torch):
     return model
 
 
-def torch_steps(torch, model, opt, steps: int) -> list[dict]:
+def torch_steps(torch, model, opt, steps: int, sampled=None) -> list[dict]:
+    """``steps`` training steps; with ``sampled`` (ε per step), KFAC-Pytorch's true-Fisher loop."""
     _, x, target = problem()
     x, target = torch.tensor(x), torch.tensor(target)
     trajectory = []
-    for _ in range(steps):
+    for t in range(steps):
         opt.zero_grad()
-        loss = 0.5 * ((model(x) - target) ** 2).sum(1).mean()
+        y = model(x)
+        if sampled is not None and opt.stats_due:
+            opt.acc_stats = True
+            sample = y.detach() + torch.tensor(sampled[t])
+            (0.5 * ((y - sample) ** 2).sum(1).mean()).backward(retain_graph=True)
+            opt.acc_stats = False
+            opt.zero_grad()
+        loss = 0.5 * ((y - target) ** 2).sum(1).mean()
         loss.backward()
         opt.step()
         trajectory.append({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
@@ -355,3 +386,163 @@ def test_torch_class_state_dict_round_trip(torch_backend):
     resumed = KFAC(resumed_model, **kwargs)
     resumed.load_state_dict(saved)
     assert worst(torch_steps(torch, resumed_model, resumed, 5), torch_steps(torch, model, opt, 5)) == 0
+
+
+def test_torch_class_sampled_fisher_loop_matches_kfac_pytorch(torch_backend, reference):
+    """Statistics from the backward passes run while ``acc_stats`` is true, as KFAC-Pytorch's."""
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    eps = noise()
+    sampled_reference = kfac_reference(STEPS, TCov=TCOV, TInv=TINV, sampled=eps, **HPARAMS)
+    assert worst(sampled_reference, reference) > 1e-3  # the sampled statistics matter
+    model = torch_model(torch)
+    opt = KFAC(model, cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    assert worst(torch_steps(torch, model, opt, STEPS, sampled=eps), sampled_reference) <= TOL
+
+
+def forward_backward_torch(torch, model) -> None:
+    _, x, target = problem()
+    (0.5 * ((model(torch.tensor(x)) - torch.tensor(target)) ** 2).sum(1).mean()).backward()
+
+
+def test_torch_class_hooks_do_not_keep_the_optimizer_alive(torch_backend):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    model = torch_model(torch)
+    opt = KFAC(model, cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    forward_backward_torch(torch, model)
+    assert sorted(opt._captured) == [("fc1.weight",), ("fc2.weight",)]
+    opt.step()
+    assert not opt._captured  # dropped once the step used them
+    forward_backward_torch(torch, model)
+    opt.step()
+    forward_backward_torch(torch, model)  # step 2: statistics due, captured, never used
+    assert opt._captured
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None
+    assert not model.fc1._forward_hooks and not model.fc2._forward_hooks
+    forward_backward_torch(torch, model)  # runs, and nothing captures
+
+
+def test_torch_class_two_optimizers_on_one_model(torch_backend, reference):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    kwargs = dict(cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    model = torch_model(torch)
+    idle = KFAC(model, **kwargs)  # records its own statistics, never steps
+    opt = KFAC(model, **kwargs)
+    assert worst(torch_steps(torch, model, opt, STEPS), reference) <= TOL
+    assert idle._captured and len(model.fc1._forward_hooks) == 2
+    idle.remove_hooks()
+    assert not idle._captured and len(model.fc1._forward_hooks) == 1
+    forward_backward_torch(torch, model)
+    assert not idle._captured
+    idle.remove_hooks()  # a second call does nothing
+    del opt
+    gc.collect()
+    assert not model.fc1._forward_hooks
+
+
+def test_torch_class_failed_load_changes_nothing(torch_backend):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    kwargs = dict(cov_update_frequency=TCOV, inverse_update_frequency=TINV, **HPARAMS)
+    models = [torch_model(torch) for _ in range(3)]
+    opts = [KFAC(model, **kwargs) for model in models]
+    for model, opt, steps in zip(models, opts, (3, 3, 6)):
+        torch_steps(torch, model, opt, steps)
+    other = opts[2].state_dict()
+    bad_groups = {**other, "param_groups": [{**other["param_groups"][0], "params": [0, 1]}]}
+    bad_state = {**other, "state": {k: v for k, v in other["state"].items() if k != "count"}}
+    for bad, error in ((bad_groups, ValueError), (bad_state, KeyError)):
+        with pytest.raises(error):
+            opts[0].load_state_dict(bad)
+    continued = torch_steps(torch, models[0], opts[0], 5)
+    assert worst(continued, torch_steps(torch, models[1], opts[1], 5)) == 0
+
+
+def test_torch_class_weight_tied_to_an_embedding(torch_backend):
+    """GPT's ``lm_head.weight = emb.weight``: a layer by its canonical name ``emb.weight``,
+    preconditioned with the statistics of ``lm_head`` (as KFAC-Pytorch does)."""
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    vocab, width = 7, 4
+    torch.manual_seed(0)
+
+    class TinyGPT(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, width, dtype=torch.float64)
+            self.fc = torch.nn.Linear(width, width, dtype=torch.float64)
+            self.lm_head = torch.nn.Linear(width, vocab, bias=False, dtype=torch.float64)
+            self.lm_head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            self.e = self.emb(tokens)
+            self.z = self.fc(self.e)
+            self.h = torch.tanh(self.z)
+            self.logits = self.lm_head(self.h)
+            return self.logits
+
+    hp = dict(
+        lr=0.1, momentum=0.9, damping=0.01, kl_clip=10.0, cov_update_frequency=1, inverse_update_frequency=1
+    )
+    model = TinyGPT()
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = KFAC(model, **hp)
+    assert sorted(opt._kfac_state.layers) == ["emb.weight", "fc.weight"]
+    tokens, labels = torch.randint(vocab, (3, 5)), torch.randint(vocab, (15,))
+    model(tokens)
+    for out in (model.z, model.logits):
+        out.retain_grad()
+    torch.nn.functional.cross_entropy(model.logits.reshape(-1, vocab), labels).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    opt.step()
+    stats = {
+        ("emb.weight",): (model.h.detach(), model.logits.grad),
+        ("fc.weight",): (model.e.detach(), model.z.grad),
+    }
+    core = ao.kfac(**hp, layers={("emb.weight",): None, ("fc.weight",): ("fc.bias",)})
+    _, expected = core.step(core.init(params), grads, params, layer_stats=stats)
+    for name, p in model.named_parameters():
+        assert relative_error(p.detach().numpy(), expected[name].numpy()) <= 1e-12, name
+
+
+def test_torch_class_weight_shared_by_two_linear_layers_gets_sgd(torch_backend):
+    import torch
+
+    from agnostic_optim.adapters._torch_kfac import KFAC
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 3, dtype=torch.float64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(3, 3, dtype=torch.float64),
+        torch.nn.Linear(3, 2, dtype=torch.float64),
+    )
+    model[2].weight = model[0].weight
+    with pytest.warns(UserWarning, match=r"\['0.weight'\] belong to several nn.Linear modules"):
+        opt = KFAC(model, lr=0.1, cov_update_frequency=1, inverse_update_frequency=1)
+    assert sorted(opt._kfac_state.layers) == ["3.weight"]
+    assert len(model[0]._forward_hooks) == len(model[2]._forward_hooks) == 0
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model(torch.randn(5, 3, dtype=torch.float64)).square().mean().backward()
+    opt.step()
+    for name in ("0.weight", "0.bias", "2.bias"):  # first step: the buffer is the gradient
+        p = model.get_parameter(name)
+        assert torch.equal(p, before[name] - 0.1 * p.grad), name
+    assert not torch.equal(model[3].weight, before["3.weight"] - 0.1 * model[3].weight.grad)

@@ -378,3 +378,26 @@ def test_torch_class_is_torch_lbfgs_drop_in():
         LBFGS([{"params": [param]}, {"params": [torch.nn.Parameter(torch.ones(1))]}])
     with pytest.raises(TypeError):
         LBFGS([param]).step()  # the closure is required
+
+
+def test_torch_class_refuses_a_torch_lbfgs_state_dict():
+    """torch.optim.LBFGS keeps flat vectors and list histories: its state is refused clearly,
+    before anything changes (it used to load, then fail inside the next step)."""
+    param = torch.nn.Parameter(torch.tensor([1.5, -0.5], dtype=torch.float64))
+
+    def closure() -> torch.Tensor:
+        param.grad = None
+        loss = ((param - 1.0) ** 4).sum()
+        loss.backward()
+        return loss
+
+    theirs = torch.optim.LBFGS([param], max_iter=3)
+    theirs.step(closure)
+    ours = LBFGS([param], max_iter=3)
+    ours.step(closure)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match=r"torch\.optim\.LBFGS state does not load here"):
+        ours.load_state_dict(theirs.state_dict())
+    after = ours.state_dict()
+    assert sorted(after["state"][0]) == sorted(before["state"][0])
+    ours.step(closure)  # and it goes on

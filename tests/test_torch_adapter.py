@@ -491,7 +491,7 @@ def test_every_registered_optimizer_has_a_class() -> None:
         assert f"{cls_name}(" in (pathlib.Path(__file__).parent / test_file).read_text(), name
 
 
-@pytest.mark.parametrize("name", ["adahessian", "sophia", "lbfgs", "kfac"])
+@pytest.mark.parametrize("name", ["adahessian", "sophia", "lbfgs", "kfac", "sam", "lookahead"])
 def test_torch_optimizer_refuses_factories_that_need_their_class(name: str) -> None:
     """A factory taking step inputs runs through its class, which makes them from autograd."""
     cls = ours.CLASS_FOR_FACTORY[name].__name__

@@ -535,3 +535,52 @@ def test_torch_lookahead_errors(torch64):
         Lookahead(base, k=0)
     with pytest.raises(ValueError, match="alpha"):
         Lookahead(base, alpha=-0.5)
+
+
+def test_torch_sam_keeps_theta_through_misuse_and_failing_closures(torch64):
+    """A second first_step() is refused (it would keep θ + e as θ), and an error raised by the
+    closure leaves the params at θ."""
+    from agnostic_optim.adapters._torch_wrappers import SAM
+
+    p = torch64.tensor([1.0, 2.0], requires_grad=True)
+    opt = SAM([p], torch64.optim.SGD, rho=0.5, lr=0.0)
+    p.grad = torch64.tensor([1.0, 0.0])
+    opt.first_step()
+    assert not torch64.equal(p.detach(), torch64.tensor([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="twice"):
+        opt.first_step()
+    opt.second_step()
+    assert torch64.equal(p.detach(), torch64.tensor([1.0, 2.0]))
+
+    def failing() -> None:
+        raise KeyError("a data loader error")
+
+    p.grad = torch64.tensor([1.0, 0.0])
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert torch64.equal(p.detach(), torch64.tensor([1.0, 2.0]))
+    p.grad = torch64.tensor([1.0, 0.0])
+    opt.step(lambda: None)  # and it steps normally afterwards
+
+
+def test_torch_lookahead_loads_a_state_dict_of_its_base_alone(torch64):
+    """A checkpoint of the base optimizer (before Lookahead was added) loads: the groups get
+    Lookahead's settings, the slow weights start at the loaded params."""
+    from agnostic_optim.adapters._torch_wrappers import Lookahead
+
+    params, stream = stream_problem(3)
+    tensors = [torch64.tensor(p, requires_grad=True) for p in params]
+    base = torch64.optim.SGD(tensors, lr=0.05, momentum=0.9)
+    for grads in stream[:2]:
+        for t, g in zip(tensors, grads):
+            t.grad = torch64.tensor(g)
+        base.step()
+    opt = Lookahead(torch64.optim.SGD(tensors, lr=0.05, momentum=0.9), k=2, alpha=0.5)
+    opt.load_state_dict(base.state_dict())
+    assert [g["lookahead_step"] for g in opt.param_groups] == [0]
+    assert all(torch64.equal(opt.state[t]["lookahead_slow_buff"], t.detach()) for t in tensors)
+    for grads in stream[2:5]:
+        for t, g in zip(tensors, grads):
+            t.grad = torch64.tensor(g)
+        opt.step()
+    assert opt.param_groups[0]["lookahead_step"] == 3
