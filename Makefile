@@ -32,5 +32,12 @@ lint: $(BIN)/.installed
 conformance: $(BIN)/.installed
 	$(BIN)/python -m agnostic_optim.conformance
 
+# slow measurements, never part of make test: step times against torch.optim / optax, and the
+# convergence of every registered optimizer's torch class (with its plot)
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/torch_step.py
+	$(BIN)/python benchmarks/jax_step.py
+	$(BIN)/python benchmarks/convergence.py --plot benchmarks/convergence.png
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
