@@ -74,7 +74,10 @@ class SAM(torch.optim.Optimizer):
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, members in groups for p in members]
         if any("old_p" in self.state[p] for g in self.param_groups for p in g["params"]):
-            raise RuntimeError("SAM.first_step() called twice: call second_step() first")
+            raise RuntimeError(
+                "SAM.first_step() called twice: call second_step() first (or restore(), to drop the "
+                "perturbation without a step)"
+            )
         if params:
             flags = [bool(g["adaptive"]) for g, members in groups for _ in members]
             norm = sam_grad_norm(XP, [p.grad for p in params], params, flags)
@@ -90,7 +93,7 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``θ`` and take the base optimizer's step with the current gradients."""
-        self._restore()
+        self.restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -109,14 +112,15 @@ class SAM(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         except BaseException:
-            self._restore()  # an error in the closure leaves the params at θ, not θ + e
+            self.restore()  # an error in the closure leaves the params at θ, not θ + e
             raise
         self.second_step()
         return loss
 
     @torch.no_grad()
-    def _restore(self) -> None:
-        """Move perturbed params back to the ``θ`` that ``first_step`` kept."""
+    def restore(self) -> None:
+        """Move perturbed params back to the ``θ`` that ``first_step`` kept, without a step (e.g.
+        after an error in your own second pass, between ``first_step`` and ``second_step``)."""
         for group in self.param_groups:
             for p in group["params"]:
                 old = self.state[p].pop("old_p", None)

@@ -36,6 +36,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+import os
+import sys
 import types
 import warnings
 import weakref
@@ -646,12 +648,26 @@ def _eager_if_compiler_fails(compiled: Callable[..., None], eager: Callable[...,
             warnings.warn(
                 f"torch.compile failed on {name}'s step ({first_line}); it runs eagerly, leaf by leaf",
                 UserWarning,
-                stacklevel=6,  # (the user's opt.step() call, through torch's step wrappers)
+                stacklevel=_outside_frames(),
             )
             current = eager
             eager(*args)
 
     return step
+
+
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (torch, ao, sys.modules[__name__])
+)
+
+
+def _outside_frames() -> int:
+    """The ``stacklevel`` of the first caller outside torch and agnostic_optim (the user's
+    ``opt.step()``, whatever wraps it: a scheduler, GradScaler, SAM)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _release_compiled(code: types.CodeType) -> None:
@@ -909,11 +925,14 @@ class Sophia(_named_class("Sophia", ao.sophia)):
             if not params:
                 continue
             rule = self._optimizer_for(group).rule
-            beta2 = torch.tensor(float(group["betas"][1]), dtype=torch.float64)
             for p in params:
                 state = self.state[p]
                 if not state:
                     state.update(_initial_param_state(rule, p, _shared_counters([0.0])[0]))
+                beta2 = group["betas"][1]
+                if is_scheduled(beta2):  # its value at the steps taken, as the next step's fold-in
+                    beta2 = beta2(torch.tensor(_step_count(state), dtype=torch.int32))
+                beta2 = torch.as_tensor(beta2, dtype=torch.float64)
                 dtype = rule.precision.compute_dtype(XP, p)
                 g = p.grad.to(dtype)
                 hessian = state["hessian"]

@@ -243,3 +243,29 @@ def test_adahessian_compiled_on_a_conv_net_matches_eager() -> None:
                 opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert close(runs[1], runs[0]) <= TOL
+
+
+def test_sophia_update_hessian_with_a_scheduled_beta2() -> None:
+    """β2 given as a schedule: update_hessian takes its value at the steps taken, as the core's
+    fold-in at the next step would."""
+    data = make_data()
+    model, twin = make_model(), make_model()
+    schedule = ao.schedules.linear(0.9, 0.99, 10)
+    opt = ours.Sophia(model.parameters(), lr=1e-2, bs=8, betas=(0.965, schedule))
+    core = ao.sophia(lr=1e-2, bs=8, betas=(0.965, schedule))
+    params = list(twin.parameters())
+    state = core.init([p.detach() for p in params])
+    pending = None
+    for step in range(6):
+        opt.zero_grad()
+        loss_of(model, data).backward()
+        opt.step()
+        grads = torch.autograd.grad(loss_of(twin, data), params)
+        state, new = core.step(state, list(grads), [p.detach() for p in params], hessian_diag=pending)
+        with torch.no_grad():
+            for p, value in zip(params, new):
+                p.copy_(value)
+        sampled_backward(model, data, step)
+        opt.update_hessian()
+        pending = [p.grad.detach() * p.grad.detach() for p in model.parameters()]
+        assert close(list(model.parameters()), params) <= TOL, step

@@ -561,6 +561,11 @@ def test_torch_sam_keeps_theta_through_misuse_and_failing_closures(torch64):
     assert torch64.equal(p.detach(), torch64.tensor([1.0, 2.0]))
     p.grad = torch64.tensor([1.0, 0.0])
     opt.step(lambda: None)  # and it steps normally afterwards
+    p.grad = torch64.tensor([1.0, 0.0])
+    opt.first_step()  # a manual loop whose second pass failed: restore() drops the perturbation
+    opt.restore()
+    assert torch64.equal(p.detach(), torch64.tensor([1.0, 2.0]))
+    opt.first_step()
 
 
 def test_torch_lookahead_loads_a_state_dict_of_its_base_alone(torch64):
