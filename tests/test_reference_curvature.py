@@ -192,20 +192,6 @@ def test_adahessian_matches_official(backend, options, period, offset):
     assert_trajectories_close(ours, reference, TOL)
 
 
-def test_adahessian_float32(backend):
-    hp = {**ADAHESSIAN_HP, "hessian_power": 0.7, "weight_decay": 0.05}
-    params, grads, estimates = problem(seed=2, positive=False)
-    estimates = every(2, estimates)
-    opt = ao.adahessian(**hp)
-    ours = run(opt, backend, params, grads, estimates, dtype="float32")
-    reference = adahessian_reference(
-        rounded([params], "float32")[0], rounded(grads, "float32"), rounded(estimates, "float32"), **hp
-    )
-    assert_trajectories_close(ours, reference, TOL_FLOAT32)
-    state = opt.init([backend.asarray(p, "float32") for p in params])
-    assert all(b.dtype == backend.dtype("float32") for b in state.buffers["exp_hessian_diag_sq"])
-
-
 def test_adahessian_spatial_averaging_is_per_kernel():
     """The 4-D leaf's second moment is constant over each kernel and equals the kernel mean."""
     params, grads, estimates = problem(seed=1, positive=False)
@@ -270,18 +256,40 @@ def test_sophia_clipping_is_exercised():
     assert clipped > 50 and unclipped > 50, (clipped, unclipped)
 
 
-def test_sophia_float32(backend):
-    hp = {**SOPHIA_HP, "weight_decay": 0.2}
-    params, grads, estimates = problem(seed=4, positive=True)
+# name -> (factory, reference, hyperparameters, estimate sign, seed, the Hessian buffer's name)
+FLOAT32_CASES = {
+    "adahessian": (
+        ao.adahessian,
+        adahessian_reference,
+        {**ADAHESSIAN_HP, "hessian_power": 0.7, "weight_decay": 0.05},
+        False,
+        2,
+        "exp_hessian_diag_sq",
+    ),
+    "sophia": (
+        ao.sophia,
+        sophia_reference,
+        {**SOPHIA_HP, "weight_decay": 0.2},
+        True,
+        4,
+        "hessian",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_CASES))
+def test_float32_runs_stay_float32_and_near_the_reference(backend, name):
+    factory, reference_of, hp, positive, seed, buffer = FLOAT32_CASES[name]
+    params, grads, estimates = problem(seed=seed, positive=positive)
     estimates = every(2, estimates)
-    opt = ao.sophia(**hp)
+    opt = factory(**hp)
     ours = run(opt, backend, params, grads, estimates, dtype="float32")
-    reference = sophia_reference(
+    reference = reference_of(
         rounded([params], "float32")[0], rounded(grads, "float32"), rounded(estimates, "float32"), **hp
     )
     assert_trajectories_close(ours, reference, TOL_FLOAT32)
     state = opt.init([backend.asarray(p, "float32") for p in params])
-    assert all(b.dtype == backend.dtype("float32") for b in state.buffers["hessian"])
+    assert all(b.dtype == backend.dtype("float32") for b in state.buffers[buffer])
 
 
 # --------------------------------------------------------------------------- validation

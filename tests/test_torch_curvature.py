@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +50,17 @@ def make_data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_of(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.mse_loss(model(data[0]), data[1])
+
+
+def functional_step(core: ao.Optimizer, state: Any, model: nn.Module, data: Any, **inputs: Any) -> Any:
+    """One step of the functional API on ``model``'s params, written back into them."""
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_of(model, data), params)
+    state, new = core.step(state, list(grads), [p.detach() for p in params], **inputs)
+    with torch.no_grad():
+        for p, value in zip(params, new):
+            p.copy_(value)
+    return state
 
 
 @torch.no_grad()
@@ -151,11 +163,7 @@ def test_sophia_class_folds_update_hessian_estimates_into_the_next_step() -> Non
         opt.zero_grad()
         loss_of(model, data).backward()
         opt.step()
-        grads = torch.autograd.grad(loss_of(twin, data), params)
-        state, new = core.step(state, list(grads), [p.detach() for p in params], hessian_diag=pending)
-        with torch.no_grad():
-            for p, value in zip(params, new):
-                p.copy_(value)
+        state = functional_step(core, state, twin, data, hessian_diag=pending)
         pending = None
         if step % 3 == 1:  # every 3 steps: a loss on labels sampled from the model (GNB)
             generator = torch.Generator().manual_seed(step)
@@ -260,11 +268,7 @@ def test_sophia_update_hessian_with_a_scheduled_beta2() -> None:
         opt.zero_grad()
         loss_of(model, data).backward()
         opt.step()
-        grads = torch.autograd.grad(loss_of(twin, data), params)
-        state, new = core.step(state, list(grads), [p.detach() for p in params], hessian_diag=pending)
-        with torch.no_grad():
-            for p, value in zip(params, new):
-                p.copy_(value)
+        state = functional_step(core, state, twin, data, hessian_diag=pending)
         sampled_backward(model, data, step)
         opt.update_hessian()
         pending = [p.grad.detach() * p.grad.detach() for p in model.parameters()]
