@@ -23,7 +23,9 @@ Two execution paths run the same rule:
 * ``compile=True``: the whole step over all parameters is compiled by ``torch.compile``
   (Inductor fuses it into a few loops writing params and state in place). Hyperparameters are
   tensors, so changing lr never recompiles. The first step pays the compilation (~10-20 s on
-  CPU), so it is opt-in: worth it for long runs.
+  CPU), so it is opt-in: worth it for long runs. From a layout's second step on, the graph is
+  called directly, without Dynamo's per-call guards over every tensor: the step's plan checks
+  what they would (see ``_torch_compiled``).
 
 Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
 :func:`agnostic_optim.mixed_precision`). LARS/LAMB's ``mask=`` applies per param of a group,
@@ -38,9 +40,7 @@ import itertools
 import operator
 import os
 import sys
-import types
 import warnings
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,6 +50,7 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import _backend, blocks, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
+from agnostic_optim.adapters._torch_compiled import CompiledRule, GraphCall
 from agnostic_optim.adapters._torch_kfac import KFAC
 from agnostic_optim.adapters._torch_lbfgs import LBFGS
 from agnostic_optim.adapters._torch_wrappers import SAM, Lookahead
@@ -143,6 +144,7 @@ class _Subset:
         self.layout, self.groups = layout, groups  # the eager path's chunks and leaf groups
         self.flags = flags  # the rule's mask, one bool per param (None: no mask)
         self.compute_leaves: dict[Any, torch.Tensor] | None = None  # the compiled path's
+        self.graph: GraphCall | None = None  # the compiled path's graph for this layout
         steps = [s["step"] for s in states if "step" in s]
         plain = len(steps) == len(states) and all(isinstance(t, torch.Tensor) for t in steps)
         # the step counters when they are torch.optim's float tensors (incremented in one call;
@@ -158,12 +160,13 @@ class _Subset:
 class _Plan:
     """A param group's step laid out once and reused while nothing it was built from changes.
 
-    :meth:`matches` checks that, in O(params) comparisons each step: the same params have
-    gradients; they and their state buffers keep their data pointers (``x.data = ...`` would
-    leave the chunk views on the old storage), and chunked ones their strides; each param has
-    the same state dict holding the same buffers, ``step`` and running scalars; the version
-    counters of those last show that only this optimizer changed them, and (one batched host
-    read per subset) the step counters still hold the count the plan keeps.
+    :meth:`matches` checks that, in a few O(params) passes each step: the same params have
+    gradients; each has the same state dict holding the same values (buffers, ``step``, running
+    scalars) in the same order; params, buffers and step counters keep their data pointers
+    (``x.data = ...`` would leave the chunk views on the old storage, and the compiled graph
+    reading other strides), and chunked ones their strides; the version counters of the step
+    counters and running scalars show that only this optimizer changed them, and (one batched
+    host read per subset) the step counters still hold the count the plan keeps.
     """
 
     def __init__(
@@ -188,7 +191,6 @@ class _Plan:
                 for t in (subset.params[i], *(buffers[i] for buffers in subset.buffers.values()))
             ]
             self.strides = [t.stride() for t in self.chunked]
-        self.history_keys = ("step", *rule.scalars)
         self.record_history(states)
 
     def _pointers(self) -> list[int]:
@@ -198,9 +200,17 @@ class _Plan:
         return list(map(torch.Tensor.data_ptr, tensors))
 
     def record_history(self, states: list[dict[str, Any]]) -> None:
-        """Remember the step counters and running scalars as this step left them."""
-        self.history = {key: [s.get(key) for s in states] for key in self.history_keys}
-        self.versions = {key: _versions(values) for key, values in self.history.items()}
+        """Remember the state's values, and the versions of the step counters and running
+        scalars, as this step left them."""
+        self.values = [v for s in states for v in s.values()]
+        versioned: list[Any] = []
+        for subset in self.subsets:
+            if subset.counters is not None:  # its elements share its version counter: one read
+                versioned.append(subset.counters)
+            elif subset.steps != []:  # ([]: no ``step``, as in torch.optim.SGD's state)
+                versioned += [s.get("step") for s in subset.states]
+        versioned += [s.get(key) for key in self.rule.scalars for s in states]
+        self.versioned, self.versions = versioned, _versions(versioned)
 
     def matches(
         self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
@@ -209,15 +219,13 @@ class _Plan:
             return False
         if not all(map(operator.is_, params, self.params)) or not all(map(operator.is_, states, self.states)):
             return False
-        for name, buffers in self.buffers.items():
-            if not all(map(operator.is_, [s.get(name) for s in states], buffers)):
-                return False
+        values = [v for s in states for v in s.values()]
+        if len(values) != len(self.values) or not all(map(operator.is_, values, self.values)):
+            return False
         if self._pointers() != self.pointers or [t.stride() for t in self.chunked] != self.strides:
             return False
-        for key, values in self.history.items():
-            current = [s.get(key) for s in states]
-            if not all(map(operator.is_, current, values)) or _versions(current) != self.versions[key]:
-                return False
+        if _versions(self.versioned) != self.versions:
+            return False
         for subset in self.subsets:  # an edit through ``.data`` leaves the version counter alone
             steps = subset.steps  # (CPU tensors in torch.optim's format: read without a sync)
             if not steps or steps[0].device.type != "cpu":
@@ -394,10 +402,14 @@ class TorchOptimizer(torch.optim.Optimizer):
                 loss = closure()
         inputs = self._step_inputs()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            grads = list(map(_GRAD, group["params"]))
+            present = list(map(operator.is_not, grads, itertools.repeat(None)))
+            params = list(itertools.compress(group["params"], present))
             if not params:
                 continue
-            if any(map(_IS_SPARSE, map(_GRAD, params))):
+            if len(params) < len(grads):
+                grads = list(itertools.compress(grads, present))
+            if any(map(_IS_SPARSE, grads)):
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients; "
                     "use torch.optim.SparseAdam or densify the gradient"
@@ -409,7 +421,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if rebuilt:
                 plan = self._plan(group, rule, params, states)
             for subset in plan.subsets:
-                self._step_subset(group, rule, subset, inputs)
+                self._step_subset(group, rule, subset, inputs, grads if len(plan.subsets) == 1 else None)
             if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
                 for s in states:
                     s.pop("step", None)
@@ -504,8 +516,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         rule: engine.Rule,
         subset: _Subset,
         inputs: dict[str, dict[int, torch.Tensor]],
+        grads: list[torch.Tensor] | None,
     ) -> None:
-        """One core step for params that share a step count: scalars eagerly, arrays fused."""
+        """One core step for params that share a step count: scalars eagerly, arrays fused.
+        ``grads``: the params' gradients (None: read them)."""
         params, states, buffers = subset.params, subset.states, subset.buffers
         leaf_inputs = _subset_inputs(rule, params, inputs)
         first = params[0]
@@ -515,7 +529,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
         }
         core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
-        grads = list(map(_GRAD, params))
+        if grads is None:
+            grads = list(map(_GRAD, params))
         step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
         caster = engine.ScalarCaster(XP, step.values)
         steps_done = False
@@ -524,13 +539,21 @@ class TorchOptimizer(torch.optim.Optimizer):
                 subset.compute_leaves = {}
                 for p in params:
                     subset.compute_leaves.setdefault(rule.precision.compute_dtype(XP, p), p)
+            # (Inductor would recompute scalar arithmetic inside its loops: it stays out here)
             cast = {dtype: caster.for_leaf(p, dtype) for dtype, p in subset.compute_leaves.items()}
             # torch.optim's per-param step counters are incremented inside the compiled step too
             # (not torch.optim.SGD's, which are dropped after the first step: see _keeps_step)
             steps_done = subset.steps is not None and self._keeps_step(rule)
             counters = [subset.counters] if subset.counters is not None else subset.steps
             self._compiled_update(rule)(
-                cast, params, grads, buffers, counters if steps_done else [], subset.flags, leaf_inputs
+                subset,
+                cast,
+                params,
+                grads,
+                buffers,
+                counters if steps_done else [],
+                subset.flags,
+                leaf_inputs,
             )
         else:
             layout = subset.layout
@@ -560,7 +583,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 # each param its own tensor: torch.optim updates loaded state in place
                 s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
 
-    def _compiled_update(self, rule: engine.Rule) -> Callable[..., None]:
+    def _compiled_update(self, rule: engine.Rule) -> CompiledRule:
         """``update_leaves`` compiled by ``torch.compile``, writing params and buffers in place.
 
         The scalars come in already computed and cast, so the fused loops only stream arrays.
@@ -584,21 +607,17 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for name, values in new_buffers.items():
                     for buffer, new in zip(buffers[name], values):
                         buffer.copy_(new)
-                for step in steps:
-                    step.add_(1)
+                for counter in steps:
+                    counter.add_(1)
 
-            # Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and then runs
-            # the function eagerly: each optimizer's rule gets a code object of its own, or every
-            # compiled optimizer in a process would share the one of ``update``. Inductor's size
-            # asserts re-check every input's sizes and strides on each call, which Dynamo's guards
-            # (static shapes) have just checked: 0.3 ms a step for 600 params.
-            own = types.FunctionType(
-                update.__code__.replace(), update.__globals__, update.__name__, None, update.__closure__
-            )
-            # Dynamo's cache entries on a code object are not freed with it: drop them with us
-            weakref.finalize(self, _release_compiled, own.__code__)
-            compiled = torch.compile(own, dynamic=False, options={"size_asserts": False})
-            self._compiled[id(rule)] = _eager_if_compiler_fails(compiled, own, rule.name)
+            def fall_back(reason: str) -> None:
+                warnings.warn(
+                    f"torch.compile failed on {rule.name}'s step ({reason}); it runs eagerly, leaf by leaf",
+                    UserWarning,
+                    stacklevel=_outside_frames(),
+                )
+
+            self._compiled[id(rule)] = CompiledRule(self, update, fall_back)
         return self._compiled[id(rule)]
 
 
@@ -629,33 +648,6 @@ def _subset_inputs(
     return out
 
 
-def _eager_if_compiler_fails(compiled: Callable[..., None], eager: Callable[..., None], name: str):
-    """``compiled``, or ``eager`` from the first time the compiler fails (with a warning).
-
-    A compiler failure is raised while compiling, before the step runs, so nothing has been
-    written yet and the eager function can take the step. (Inductor 2.13 on CPU fails on
-    AdaHessian's kernel-averaged Hessian feeding two in-place outputs.)"""
-    current = compiled
-
-    def step(*args: Any) -> None:
-        nonlocal current
-        try:
-            current(*args)
-        except torch._dynamo.exc.BackendCompilerFailed as error:
-            if current is eager:
-                raise
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            warnings.warn(
-                f"torch.compile failed on {name}'s step ({first_line}); it runs eagerly, leaf by leaf",
-                UserWarning,
-                stacklevel=_outside_frames(),
-            )
-            current = eager
-            eager(*args)
-
-    return step
-
-
 _INTERNAL_DIRS = tuple(
     os.path.dirname(module.__file__) + os.sep for module in (torch, ao, sys.modules[__name__])
 )
@@ -668,13 +660,6 @@ def _outside_frames() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _release_compiled(code: types.CodeType) -> None:
-    """Free the graphs Dynamo compiled for ``code`` (its cache lives on the code object)."""
-    reset_code = getattr(torch._dynamo.eval_frame, "reset_code", None)
-    if reset_code is not None:
-        reset_code(code)
 
 
 def hparams_dtype(hparams: dict[str, Any]) -> torch.dtype:

@@ -45,10 +45,24 @@ def floating_dtypes(xp: Namespace, like: Array) -> dict[str, Any]:
         return dict(info.dtypes(kind="real floating"))
 
 
+_SCALAR_DTYPES: dict[tuple[Any, Any], Any] = {}
+
+
 def scalar_dtype(xp: Namespace, like: Array) -> Any:
-    """The dtype hyperparameter arithmetic runs in: float64 where available, else float32."""
-    dtypes = floating_dtypes(xp, like)
-    return dtypes.get("float64", xp.float32)
+    """The dtype hyperparameter arithmetic runs in: float64 where available, else float32.
+
+    Known once per namespace and device (a step asks several times), except for JAX, whose
+    float64 comes and goes with ``jax_enable_x64``."""
+    if array_api_compat.is_jax_namespace(xp) or is_lazy(like):
+        return floating_dtypes(xp, like).get("float64", xp.float32)
+    key = (getattr(xp, "__name__", None) or id(xp), device_of(like))  # (a name: torch.compile traces this)
+    try:
+        return _SCALAR_DTYPES[key]
+    except KeyError:
+        dtype = _SCALAR_DTYPES[key] = floating_dtypes(xp, like).get("float64", xp.float32)
+        return dtype
+    except TypeError:  # an unhashable device
+        return floating_dtypes(xp, like).get("float64", xp.float32)
 
 
 def is_floating(xp: Namespace, x: Array) -> bool:
@@ -87,10 +101,14 @@ def scalar(xp: Namespace, value: Any, dtype: Any, device: Any) -> Array:
 
 def to_device_of(xp: Namespace, x: Array, like: Array) -> Array:
     """``x`` moved to ``like``'s device when they differ (a no-op for traced JAX arrays)."""
-    if is_lazy(x) or is_lazy(like):
+    return x if is_lazy(like) else to_device(x, device_of(like))
+
+
+def to_device(x: Array, device: Any) -> Array:
+    """``x`` moved to ``device`` when it is elsewhere (a no-op for traced JAX arrays)."""
+    if is_lazy(x):
         return x
-    target = device_of(like)
-    return x if device_of(x) == target else array_api_compat.to_device(x, target)
+    return x if device_of(x) == device else array_api_compat.to_device(x, device)
 
 
 def to_host(x: Array) -> Any:

@@ -188,12 +188,16 @@ def _split_hparams(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return constants, schedules
 
 
-def _cast_tree(xp: Any, value: Any, dtype: Any, like: Array) -> Any:
+def _cast_tree(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
+    """``value`` (a scalar array, a tuple of them, or a Python value) in ``dtype`` on ``device``
+    (None: where it is, for traced leaves)."""
     if isinstance(value, tuple):
-        return tuple(_cast_tree(xp, v, dtype, like) for v in value)
+        return tuple(_cast_tree(xp, v, dtype, device) for v in value)
     if not hasattr(value, "dtype"):
         return value
-    return _backend.astype(xp, _backend.to_device_of(xp, value, like), dtype)
+    if device is not None:
+        value = _backend.to_device(value, device)
+    return _backend.astype(xp, value, dtype)
 
 
 class ScalarCaster:
@@ -207,7 +211,7 @@ class ScalarCaster:
         key = (dtype, device)
         if key not in self.cache:
             self.cache[key] = Scalars(
-                {k: _cast_tree(self.xp, v, dtype, leaf) for k, v in self.values.items()}
+                {k: _cast_tree(self.xp, v, dtype, device) for k, v in self.values.items()}
             )
         return self.cache[key]
 

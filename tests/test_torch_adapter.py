@@ -579,6 +579,52 @@ def test_compiled_path_follows_a_param_rebound_to_other_strides() -> None:
         assert error(runs[0][0], runs[1][0]) <= 1e-12, f"step {step}"
 
 
+def dynamo_calls(opt: ours.TorchOptimizer) -> list[int]:
+    """Count the steps that go through Dynamo (its guards, a compile) rather than straight
+    into the graph compiled for the layout: one counter per compiled rule."""
+    counts = []
+    for compiled in opt._compiled.values():
+        through_dynamo, count = compiled._dynamo, [0]
+
+        def counting(*args: Any, through_dynamo: Callable = through_dynamo, count: list = count) -> None:
+            count[0] += 1
+            through_dynamo(*args)
+
+        compiled._dynamo = counting
+        counts.append(count)
+    return counts
+
+
+@pytest.mark.slow
+def test_compiled_step_runs_its_graph_without_dynamo_and_follows_the_gradients_strides() -> None:
+    """After a layout's first step, ``compile=True`` hands the inputs straight to the graph
+    Dynamo compiled (skipping its per-call guards over every tensor); it goes back through
+    Dynamo, and still matches torch.optim, when the gradients come with other strides (a
+    column-major weight gradient) or the scalars change dtype."""
+    data = make_data(torch.float64)
+    runs = []
+    for module, kwargs in ((ours, {"compile": True}), (torch.optim, {})):
+        model = make_mlp(torch.float64)
+        opt = module.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2, **kwargs)
+        runs.append((model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)))
+    counts = None
+    for step in range(8):
+        for model, opt, scheduler in runs:
+            backward(model, data)
+            if step in (4, 5):
+                weight = model[0].weight
+                weight.grad = weight.grad.t().contiguous().t()  # the same values, column-major
+                assert weight.grad.stride() == (1, weight.shape[0])
+            opt.step()
+            scheduler.step()
+        if counts is None:
+            counts = dynamo_calls(runs[0][1])
+        assert error(runs[0][0], runs[1][0]) <= 1e-12, f"step {step}"
+    # steps 1-3 and 7 straight into the graph; 4 (new strides) and 6 (back) through Dynamo; 5
+    # straight into the graph compiled at 4
+    assert counts == [[2]]
+
+
 @pytest.mark.slow
 def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
     """Dynamo keeps a bounded number of graphs per code object and silently runs the rest
@@ -604,10 +650,14 @@ def test_compiled_path_resumes_from_load_state_dict_without_compiling_again() ->
     train(opt, model, data, 2)
     saved = copy.deepcopy(opt.state_dict())
     torch._dynamo.utils.counters.clear()
+    counts = dynamo_calls(opt)
     for _ in range(2):
         opt.load_state_dict(saved)
-        train(opt, model, data, 2)
+        train(opt, model, data, 3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    # the first step after a load (a new plan) finds its graph through Dynamo, the others go
+    # straight to it
+    assert counts == [[2]]
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
