@@ -14,7 +14,10 @@ straight-line program of ufunc calls with ``out=``:
 * each new value is written into its destination by the ufunc that computes it (no copy),
   once no later operation reads the destination's old contents; otherwise it waits in scratch
   and is copied in at the end (Adan's ``pre_grad``, read before it is replaced);
-* the program then runs over every chunk, so all operations of a chunk hit data in cache.
+* the program then runs over every chunk, so all operations of a chunk hit data in cache;
+* chunks are independent (each operation reads and writes the chunk's own slices), so a large
+  program's chunks are split between threads, each with its own scratch buffers: NumPy
+  releases the GIL inside every ufunc call.
 
 Each recorded operation is the very ufunc the eager rule calls (``a * b`` is
 ``np.multiply(a, b)``), on operands of the same dtypes, so results are bitwise those of the
@@ -27,14 +30,22 @@ operation, so 16-bit leaves are converted to float32 a chunk at a time.
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import numbers
 import operator
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 Array = Any
+# A program over fewer elements runs in the calling thread: handing chunks to another thread
+# costs tens of microseconds, a 1M-element AdamW step about a millisecond.
+PARALLEL_ELEMENTS = 1 << 20
 
 
 class Unsupported(NotImplementedError):
@@ -288,18 +299,88 @@ class Program:
 
     def __init__(self, inputs: list[list[Array]], registers: list[np.dtype], constants: list[Any], code):
         self.inputs, self.registers, self.constants, self.code = inputs, registers, constants, code
+        self.sizes = [chunk.size for chunk in inputs[0]]
 
-    def run(self, scratch: Callable[[np.dtype, tuple, int], Array]) -> None:
-        """Execute for every chunk; ``scratch(dtype, shape, k)`` gives register k's view."""
+    def run(self, scratch: list[Scratch]) -> None:
+        """Execute for every chunk, the chunks split into up to ``len(scratch)`` contiguous runs
+        of about equal size, one per thread (the calling thread takes the first)."""
+        chunks = list(zip(*self.inputs))
+        total = sum(self.sizes)
+        parts = min(len(scratch), max(1, total // PARALLEL_ELEMENTS), len(chunks))
+        if parts == 1:
+            self._run(chunks, scratch[0])
+            return
+        cuts, done, part = [0], 0, 1
+        for i, size in enumerate(self.sizes):
+            done += size
+            if part < parts and done >= total * part / parts:
+                cuts.append(i + 1)
+                part += 1
+        cuts.append(len(chunks))
+        runs = [chunks[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+        # each thread sees the caller's NumPy error state (a context variable)
+        futures = [
+            _pool().submit(contextvars.copy_context().run, self._run, run, registers)
+            for run, registers in zip(runs[1:], scratch[1:])
+        ]
+        try:
+            self._run(runs[0], scratch[0])
+        finally:
+            errors = [future.exception() for future in futures]  # (waits for each)
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _run(self, chunks: list[tuple[Array, ...]], scratch: Scratch) -> None:
         registers: dict[tuple, list[Array]] = {}  # chunk shape -> register views
-        for chunks in zip(*self.inputs):
-            shape = chunks[0].shape
+        for chunk in chunks:
+            shape = chunk[0].shape
             views = registers.get(shape)
             if views is None:
                 views = registers[shape] = [scratch(d, shape, k) for k, d in enumerate(self.registers)]
-            frame = [*chunks, *views, *self.constants]
+            frame = [*chunk, *views, *self.constants]
             for function, arguments in self.code:
                 function(*arguments(frame))
+
+
+class Scratch:
+    """One thread's scratch registers: chunk-shaped views of buffers kept between steps."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[np.dtype, int], np.ndarray] = {}
+        self._views: dict[tuple[np.dtype, tuple, int], np.ndarray] = {}
+
+    def __call__(self, dtype: np.dtype, shape: tuple, k: int) -> np.ndarray:
+        view = self._views.get((dtype, shape, k))
+        if view is None:
+            size = int(np.prod(shape))
+            buffer = self._buffers.get((dtype, k))
+            if buffer is None or buffer.size < size:
+                buffer = self._buffers[(dtype, k)] = np.empty(size, dtype)
+                self._views = {key: v for key, v in self._views.items() if key[0] != dtype or key[2] != k}
+            view = self._views[(dtype, shape, k)] = buffer[:size].reshape(shape)
+        return view
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads every program shares (started on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max(1, available_cores() - 1), thread_name_prefix="agnostic_optim")
+        return _POOL
 
 
 def _operations(values: list[Symbol]) -> list[Symbol]:
@@ -489,11 +570,13 @@ class ProgramBatching:
     xp = NAMESPACE
     block_elements = None  # a whole dtype group is one program; the chunks bound the cache use
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self._inputs: list[list[Array]] = []
         self._programs: list[Program] = []
-        self._buffers: dict[tuple[np.dtype, int], np.ndarray] = {}
-        self._views: dict[tuple[np.dtype, tuple, int], np.ndarray] = {}
+        self.threads = available_cores() if threads is None else threads
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        self._scratch = [Scratch() for _ in range(self.threads)]
 
     def pack(self, arrays: list[Array]) -> Symbol:
         self._inputs.append(list(arrays))
@@ -523,14 +606,3 @@ class ProgramBatching:
 
     def discard(self) -> None:
         self._inputs, self._programs = [], []
-
-    def _scratch(self, dtype: np.dtype, shape: tuple, k: int) -> np.ndarray:
-        view = self._views.get((dtype, shape, k))
-        if view is None:
-            size = int(np.prod(shape))
-            buffer = self._buffers.get((dtype, k))
-            if buffer is None or buffer.size < size:
-                buffer = self._buffers[(dtype, k)] = np.empty(size, dtype)
-                self._views = {key: v for key, v in self._views.items() if key[0] != dtype or key[2] != k}
-            view = self._views[(dtype, shape, k)] = buffer[:size].reshape(shape)
-        return view

@@ -59,12 +59,22 @@ class ArrayOptimizer:
         to ``resize`` them in place).
       opt: any ``agnostic_optim`` optimizer.
       chunk_elements: chunk length for elementwise rules (0 disables chunking).
+      threads: how many threads a recorded step over more than about a million elements
+        splits its chunks between (the calling thread included); None: every core this
+        process may use. Results do not depend on it.
 
     Gradients are read as they are before the step, even when they share memory with a param
     or a buffer (those are copied first), as the functional API reads them.
     """
 
-    def __init__(self, params: PyTree, opt: engine.Optimizer, *, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(
+        self,
+        params: PyTree,
+        opt: engine.Optimizer,
+        *,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        threads: int | None = None,
+    ):
         leaves, self._treedef = trees.flatten(params)
         if not leaves:
             raise ValueError("params holds no arrays")
@@ -74,7 +84,8 @@ class ArrayOptimizer:
         self.opt = opt
         self.chunk_elements = chunk_elements
         self.state = opt.init(params)
-        self._program = _chunk_program.ProgramBatching() if _RECORDABLE else None
+        self._program = _chunk_program.ProgramBatching(threads) if _RECORDABLE else None
+        self.threads = threads
         self._layout: _StepLayout | None = None
         self._recorded = False
 
@@ -168,7 +179,7 @@ class ArrayOptimizer:
         state = dict(self.__dict__)
         state["_layout"] = None
         if state["_program"] is not None:
-            state["_program"] = _chunk_program.ProgramBatching()
+            state["_program"] = _chunk_program.ProgramBatching(self.threads)
         return state
 
     @property

@@ -12,6 +12,7 @@ calls, so the comparison is exact.
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import array_api_compat.numpy as eager_xp
@@ -445,3 +446,46 @@ def test_torch_gradients_sharing_storage_with_another_leaf_match_the_functional_
     ArrayOptimizer(params, opt, chunk_elements=4096).step(grads)
     for k in params:
         assert torch.equal(params[k], expected[k]), k
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_large_steps_split_between_threads_with_the_same_results() -> None:
+    """A recorded step over more than PARALLEL_ELEMENTS splits its chunks between threads, each
+    with its own scratch; the params and state are bitwise those of one thread and of the
+    functional API."""
+    n = 3 * _chunk_program.PARALLEL_ELEMENTS + 12_345
+    params, grads = big_problem(n)
+    opt = ao.adamw(lr=1e-3, weight_decay=0.1)
+    state, expected = opt.init(params), params
+    runs = {threads: ArrayOptimizer(copy.deepcopy(params), opt, threads=threads) for threads in (1, 2, 3)}
+    for _ in range(3):
+        state, expected = opt.step(state, grads, expected)
+        for run in runs.values():
+            run.step(grads)
+            assert run.recorded
+    for threads, run in runs.items():
+        for key in params:
+            assert np.array_equal(run.params[key], expected[key]), f"{threads} threads: {key}"
+            for name, buffers in state.buffers.items():
+                assert np.array_equal(run.state.buffers[name][key], buffers[key]), f"{threads}: {name}"
+    # every thread had chunks to run: each scratch holds AdamW's one register
+    assert all(scratch._buffers for scratch in runs[3]._program._scratch)
+
+
+def test_threads_see_the_callers_numpy_error_state() -> None:
+    """np.errstate is the caller's in every thread: an overflow in the second half of the
+    chunks (run by a worker thread) raises under ``over="raise"``."""
+    n = 2 * _chunk_program.PARALLEL_ELEMENTS
+    params, grads = big_problem(n)
+    grads["w"][n // 2 + 1000] = 1e30  # g * g overflows float32
+    opt = ArrayOptimizer(params, ao.adam(lr=1e-3), threads=2)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        opt.step(grads)
+
+
+def test_threads_must_be_positive() -> None:
+    params, _ = big_problem(10)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        ArrayOptimizer(params, ao.adam(lr=1e-3), threads=0)
