@@ -16,10 +16,13 @@ Parameter set: ResNet-18's (62 float32 tensors, 11.7M parameters). All in one ru
    run (np.multiply then np.add with ``out=``, preallocated arrays of n elements). The triad's
    two passes really move 5 arrays (read c, write a; read a, b, write a), which is what the
    bandwidth is computed from; STREAM's convention (3 arrays) would give a bound 5/3 looser.
-   Target: ours <= 2.5x the bound. A third row times a hand-written NumPy AdamW that does the
-   same arithmetic with the fewest passes NumPy allows (14 in-place ufunc calls with ``out=``
-   per chunk, no temporaries): the floor for any NumPy evaluation of the step. The recorded
-   program makes the same 14 calls; what remains between the two is the per-chunk Python.
+   Target: ours <= 2.5x the bound. ``ArrayOptimizer`` splits the chunks between every core's
+   thread; a row with ``threads=1`` and a last column against a triad run by as many threads
+   (a tighter bound) show what the threads add. A last row times a hand-written NumPy AdamW
+   that does the same arithmetic with the fewest passes NumPy allows (14 in-place ufunc calls
+   with ``out=`` per chunk, no temporaries, one thread): the floor for one thread of NumPy. The
+   recorded program makes the same 14 calls; what remains between the two is the per-chunk
+   Python.
 
     python benchmarks/jax_step.py [--rounds 15] [--steps 5]
 """
@@ -30,6 +33,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -39,6 +43,7 @@ import optax
 from param_sets import resnet18_shapes
 
 import agnostic_optim as ao
+from agnostic_optim.adapters._chunk_program import available_cores
 from agnostic_optim.adapters.jax import jit_step
 from agnostic_optim.adapters.numpy import CHUNK_ELEMENTS, ArrayOptimizer
 
@@ -158,19 +163,26 @@ def bench_jax(rounds: int, steps: int) -> None:
     print("(target: ours/optax <= 1.00x; agreement: max relative difference of params after 3 steps)\n")
 
 
-def triad_bandwidth(n: int, dtype: Any, repeats: int) -> float:
-    """Bytes/s of ``a = b + s*c`` (np.multiply then np.add, out=a): 5 arrays cross memory."""
+def triad_bandwidth(n: int, dtype: Any, repeats: int, threads: int = 1) -> float:
+    """Bytes/s of ``a = b + s*c`` (np.multiply then np.add, out=a): 5 arrays cross memory. With
+    ``threads`` > 1 the arrays are split into that many slices, each run by its own thread."""
     rng = np.random.default_rng(0)
     a = np.empty(n, dtype)
     b = rng.standard_normal(n).astype(dtype)
     c = rng.standard_normal(n).astype(dtype)
     s = dtype(1.0001)
+    cuts = np.linspace(0, n, threads + 1).astype(int)
+
+    def triad(lo: int, hi: int) -> None:
+        np.multiply(c[lo:hi], s, out=a[lo:hi])
+        np.add(a[lo:hi], b[lo:hi], out=a[lo:hi])
+
     times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        np.multiply(c, s, out=a)
-        np.add(a, b, out=a)
-        times.append(time.perf_counter() - start)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            list(pool.map(triad, cuts[:-1], cuts[1:]))
+            times.append(time.perf_counter() - start)
     return 5 * np.dtype(dtype).itemsize * n / statistics.median(times[1:])
 
 
@@ -218,11 +230,16 @@ class HandWrittenAdamW:
 def bench_numpy(repeats: int) -> None:
     shapes = resnet18_shapes()
     n = sum(int(np.prod(s)) for s in shapes)
+    threads = available_cores()
     print(f"NumPy {np.__version__}: AdamW through ArrayOptimizer (in place) vs the memory-traffic bound")
-    print("bound = 7 arrays (read g, p, m, v; write p, m, v) x itemsize x n / triad bandwidth\n")
+    print("bound = 7 arrays (read g, p, m, v; write p, m, v) x itemsize x n / triad bandwidth")
+    print(
+        f"ArrayOptimizer splits a step's chunks between {threads} threads; the last column divides by "
+        f"a {threads}-thread triad's bandwidth\n"
+    )
     header = (
-        f"{'dtype':<9}{'run':<20}{'step ms':>9}{'bound ms':>10}{'ratio':>8}"
-        f"{'triad GB/s':>12}{'ratio (STREAM 3n)':>19}"
+        f"{'dtype':<9}{'run':<24}{'step ms':>9}{'bound ms':>10}{'ratio':>8}"
+        f"{'triad GB/s':>12}{'ratio (STREAM 3n)':>19}{f'ratio ({threads}-thread triad)':>24}"
     )
     print(header)
     print("-" * len(header))
@@ -230,18 +247,25 @@ def bench_numpy(repeats: int) -> None:
         rng = np.random.default_rng(0)
         grads = [rng.standard_normal(s).astype(dtype) * 1e-3 for s in shapes]
         runs = {}
-        for label, chunk in ((f"chunks of {CHUNK_ELEMENTS}", CHUNK_ELEMENTS), ("unchunked", 0)):
+        configs = (
+            (f"chunks of {CHUNK_ELEMENTS}", CHUNK_ELEMENTS, None),
+            ("chunks, 1 thread", CHUNK_ELEMENTS, 1),
+            ("unchunked", 0, None),
+        )
+        for label, chunk, run_threads in configs:
             params = [rng.standard_normal(s).astype(dtype) for s in shapes]
-            runs[label] = ArrayOptimizer(params, ao.adamw(lr=1e-3, weight_decay=1e-2), chunk_elements=chunk)
+            opt = ao.adamw(lr=1e-3, weight_decay=1e-2)
+            runs[label] = ArrayOptimizer(params, opt, chunk_elements=chunk, threads=run_threads)
             runs[label].step(grads)  # warm up
-        label = "hand-written floor"
+        label = "hand-written, 1 thread"
         hand_params = [rng.standard_normal(s).astype(dtype) for s in shapes]
         runs[label] = HandWrittenAdamW(hand_params, lr=1e-3, weight_decay=1e-2, chunk=CHUNK_ELEMENTS)
         runs[label].step(grads)
         times: dict[str, list[float]] = {label: [] for label in runs}
-        bandwidths = []
+        bandwidths, threaded = [], []
         for r in range(repeats):
             bandwidths.append(triad_bandwidth(n, dtype, 3))
+            threaded.append(triad_bandwidth(n, dtype, 3, threads))
             labels = list(runs) if r % 2 == 0 else list(reversed(runs))
             for label in labels:
                 start = time.perf_counter()
@@ -249,11 +273,13 @@ def bench_numpy(repeats: int) -> None:
                 times[label].append(time.perf_counter() - start)
         bandwidth = statistics.median(bandwidths)
         bound = 7 * np.dtype(dtype).itemsize * n / bandwidth
+        threaded_bound = 7 * np.dtype(dtype).itemsize * n / statistics.median(threaded)
         for label in runs:
             t = statistics.median(times[label])
             print(
-                f"{np.dtype(dtype).name:<9}{label:<20}{t * 1e3:>9.1f}{bound * 1e3:>10.1f}"
+                f"{np.dtype(dtype).name:<9}{label:<24}{t * 1e3:>9.1f}{bound * 1e3:>10.1f}"
                 f"{t / bound:>7.2f}x{bandwidth / 1e9:>12.1f}{t / (bound * 5 / 3):>18.2f}x"
+                f"{t / threaded_bound:>23.2f}x"
             )
     print("(target: ratio <= 2.5x)")
 
