@@ -13,7 +13,8 @@ one chunk stay in cache and each array crosses memory about once per step. On Nu
 runs once per step on symbolic operands and its operations replay over the chunks as ufunc
 calls with ``out=``: results go straight into the params and buffers, temporaries into a few
 chunk-sized scratch buffers kept between steps, so a step allocates nothing
-(``adapters/_chunk_program.py``; :attr:`ArrayOptimizer.recorded` tells whether a step ran so).
+(``adapters/_chunk_program.py``; :attr:`ArrayOptimizer.recorded` tells whether a step ran so),
+and a step over more than a million elements splits its chunks between threads (``threads=``).
 Other namespaces (CuPy, array_api_strict, torch) and rules the recorder cannot express run the
 rule directly on each chunk. Either way results are bitwise those of the functional API (the
 chunks see the same operations on the same elements). JAX arrays are immutable: use
