@@ -383,6 +383,16 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's worker threads do not exist there (a new pool starts)."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _operations(values: list[Symbol]) -> list[Symbol]:
     """The operations ``values`` need, each once, every operand before its users."""
     order: list[Symbol] = []

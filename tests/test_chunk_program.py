@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
+import signal
 
 import array_api_compat.numpy as eager_xp
 import numpy as np
@@ -489,3 +491,30 @@ def test_threads_must_be_positive() -> None:
     params, _ = big_problem(10)
     with pytest.raises(ValueError, match="threads must be at least 1"):
         ArrayOptimizer(params, ao.adam(lr=1e-3), threads=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is not available on this platform")
+def test_a_forked_child_steps_with_threads_of_its_own() -> None:
+    """A child forked after the parent's threads started (a data-loader worker) would wait
+    forever on the parent's pool; it starts its own."""
+    n = 2 * _chunk_program.PARALLEL_ELEMENTS
+    params, grads = big_problem(n)
+    opt = ArrayOptimizer(params, ao.adam(lr=1e-3), threads=2)
+    opt.step(grads)  # the parent's pool is running
+    expected = copy.deepcopy(opt)
+    expected.step(grads)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one step, then report whether it matches
+        try:
+            signal.alarm(20)
+            opt.step(grads)
+            same = all(np.array_equal(opt.params[k], expected.params[k]) for k in params)
+            os.write(write, b"1" if same else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer == b"1"
