@@ -7,6 +7,7 @@ data, so changing them never retraces. This module adds what a JAX codebase expe
     tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(ao.lion(lr=1e-4)))
     step = jit_step(ao.adamw(1e-3))                   # jitted, donates state and params
     diag = hutchinson_diagonal(loss_fn, params, key)  # Hessian-diagonal estimate (AdaHessian, Sophia)
+    loss, grads, stats = kfac_layer_stats(loss_fn, params)  # K-FAC's layer_stats, from the jaxpr
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import optax
 
 import agnostic_optim as ao
+from agnostic_optim.adapters._jax_layers import kfac_layer_stats
 
-__all__ = ["as_optax", "hessian_vector_product", "hutchinson_diagonal", "jit_step"]
+__all__ = ["as_optax", "hessian_vector_product", "hutchinson_diagonal", "jit_step", "kfac_layer_stats"]
 
 PyTree = Any
 

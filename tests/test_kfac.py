@@ -546,3 +546,119 @@ def test_torch_class_weight_shared_by_two_linear_layers_gets_sgd(torch_backend):
         p = model.get_parameter(name)
         assert torch.equal(p, before[name] - 0.1 * p.grad), name
     assert not torch.equal(model[3].weight, before["3.weight"] - 0.1 * model[3].weight.grad)
+
+
+# --------------------------------------------------------------------------- the JAX helper
+
+
+def jax_loss(x: np.ndarray, target: np.ndarray):
+    """The problem's loss in JAX, weights in torch's (out, in) layout (``x @ W.T``)."""
+    import jax.numpy as jnp
+
+    def loss_fn(params: dict):
+        hidden = jnp.tanh(x @ params["fc1"]["weight"].T + params["fc1"]["bias"])
+        y = (hidden * params["gain"]) @ params["fc2"]["weight"].T + params["fc2"]["bias"]
+        return 0.5 * jnp.mean(jnp.sum((y - target) ** 2, axis=1))
+
+    return loss_fn
+
+
+def test_jax_layer_stats_match_the_hand_written_backprop(jax_backend):
+    """``kfac_layer_stats`` finds both linear layers in the loss's jaxpr (through the transpose
+    of ``x @ W.T``; ``gain`` is 1-D, no layer) and returns the loss, the gradients and each
+    layer's (input, output gradient) of one pass, as the hand-written backprop computes them."""
+    from agnostic_optim.adapters.jax import kfac_layer_stats
+
+    init, x, target = problem()
+    params = map_nested(jax_backend.asarray, init)
+    loss, grads, stats = kfac_layer_stats(jax_loss(x, target), params)
+    expected_loss, expected_grads, expected_stats = forward_backward(init, x, target)
+    assert abs(float(loss) - expected_loss) <= 1e-12 * abs(expected_loss)
+    assert worst([flat(map_nested(np.asarray, grads))], [flat(expected_grads)]) <= 1e-12
+    assert set(stats) == set(expected_stats)
+    for path, (activations, output_grads) in expected_stats.items():
+        assert relative_error(np.asarray(stats[path][0]), activations) <= 1e-12, path
+        assert relative_error(np.asarray(stats[path][1]), output_grads) <= 1e-12, path
+
+
+def test_jax_helper_drives_kfac_to_kfac_pytorchs_trajectory(jax_backend, reference):
+    """The whole K-FAC step in JAX, under ``jax.jit``: the helper's statistics and gradients
+    into ``ao.kfac`` follow KFAC-Pytorch's trajectory (the torch class's, from its hooks)."""
+    import jax
+
+    from agnostic_optim.adapters.jax import kfac_layer_stats
+
+    init, x, target = problem()
+    loss_fn = jax_loss(x, target)
+    opt = kfac()
+
+    @jax.jit
+    def train_step(state, params):
+        _, grads, stats = kfac_layer_stats(loss_fn, params)
+        return opt.step(state, grads, params, layer_stats=stats)
+
+    params = map_nested(jax_backend.asarray, init)
+    state, trajectory = opt.init(params), []
+    for _ in range(STEPS):
+        state, params = train_step(state, params)
+        trajectory.append(flat(map_nested(np.asarray, params)))
+    assert worst(trajectory, reference) <= TOL
+
+
+def test_jax_layer_stats_of_equinox_and_flax_style_layers(jax_backend):
+    """Layers as equinox writes them (``W @ x`` per example under ``jax.vmap``: the weight is the
+    dot's left operand, the batch axis last) and as flax does (``x @ kernel``, (in, out)), with
+    a float32 cast in between: the statistics are those of explicit perturbations."""
+    import jax
+    import jax.numpy as jnp
+
+    from agnostic_optim.adapters.jax import kfac_layer_stats
+
+    rng = np.random.default_rng(3)
+    params = {
+        "torch_style": {"weight": jnp.asarray(rng.standard_normal((5, 3))), "bias": jnp.zeros(5)},
+        "flax_style": {"kernel": jnp.asarray(rng.standard_normal((5, 2)))},
+    }
+    x, target = jnp.asarray(rng.standard_normal((4, 3))), jnp.asarray(rng.standard_normal((4, 2)))
+
+    def forward(params, perturbations):
+        layer = params["torch_style"]
+        hidden = jax.vmap(lambda row: layer["weight"] @ row)(x) + layer["bias"] + perturbations[0]
+        hidden = jnp.tanh(hidden).astype(jnp.float32).astype(jnp.float64)
+        y = hidden @ params["flax_style"]["kernel"] + perturbations[1]
+        return jnp.mean((y - target) ** 2), hidden
+
+    _, grads, stats = kfac_layer_stats(lambda p: forward(p, (0.0, 0.0))[0], params)
+    zeros = (jnp.zeros((4, 5)), jnp.zeros((4, 2)))
+    output_grads = jax.grad(lambda e: forward(params, e)[0])(zeros)
+    hidden = forward(params, zeros)[1]
+    expected = {
+        ("torch_style", "weight"): (x, output_grads[0]),
+        ("flax_style", "kernel"): (hidden, output_grads[1]),
+    }
+    assert set(stats) == set(expected)
+    for path, pair in expected.items():
+        for got, want in zip(stats[path], pair):
+            assert got.shape == want.shape and relative_error(np.asarray(got), np.asarray(want)) <= 1e-12
+    assert (
+        relative_error(np.asarray(grads["flax_style"]["kernel"]), np.asarray(hidden.T @ output_grads[1]))
+        <= 1e-12
+    )
+
+
+def test_jax_layer_stats_refuse_what_is_no_single_linear_layer(jax_backend):
+    import jax.numpy as jnp
+
+    from agnostic_optim.adapters.jax import kfac_layer_stats
+
+    params = {"w": jnp.ones((3, 3)), "v": jnp.ones(3)}
+    x = jnp.ones((2, 3))
+    tied = lambda p: jnp.sum((x @ p["w"]) @ p["w"].T)  # noqa: E731
+    with pytest.raises(ValueError, match=r"\('w',\) is used by 2 linear layers"):
+        kfac_layer_stats(tied, params, layers=[("w",)])
+    loss, _, stats = kfac_layer_stats(tied, params)  # by default a tied weight is no layer
+    assert stats == {} and float(loss) == 54.0
+    with pytest.raises(ValueError, match="no leaf path of params"):
+        kfac_layer_stats(tied, params, layers=[("u",)])
+    with pytest.raises(ValueError, match="must return a scalar"):
+        kfac_layer_stats(lambda p: x @ p["w"], params)
