@@ -30,7 +30,6 @@ operation, so 16-bit leaves are converted to float32 a chunk at a time.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import numbers
 import operator
@@ -318,9 +317,10 @@ class Program:
                 part += 1
         cuts.append(len(chunks))
         runs = [chunks[a:b] for a, b in itertools.pairwise(cuts) if b > a]
-        # each thread sees the caller's NumPy error state (a context variable)
+        # each thread runs under the caller's NumPy error state (per thread before NumPy 2)
+        error_state = {**np.geterr(), "call": np.geterrcall()}
         futures = [
-            _pool().submit(contextvars.copy_context().run, self._run, run, registers)
+            _pool().submit(self._run_under, error_state, run, registers)
             for run, registers in zip(runs[1:], scratch[1:])
         ]
         try:
@@ -330,6 +330,12 @@ class Program:
         for error in errors:
             if error is not None:
                 raise error
+
+    def _run_under(
+        self, error_state: dict[str, Any], chunks: list[tuple[Array, ...]], scratch: Scratch
+    ) -> None:
+        with np.errstate(**error_state):
+            self._run(chunks, scratch)
 
     def _run(self, chunks: list[tuple[Array, ...]], scratch: Scratch) -> None:
         registers: dict[tuple, list[Array]] = {}  # chunk shape -> register views

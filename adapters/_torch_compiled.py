@@ -4,19 +4,21 @@ called straight through the compiled graph while the layout it was compiled for 
 Dynamo checks every input of a compiled function on every call (sizes, strides, dtype, device of
 each tensor: ~2,400 tensors for AdamW over 600 params) before it runs the graph. The adapter's
 step plan already checks, in fewer and cheaper comparisons, that the params, state buffers and
-step counters are the same tensors on the same storage (see ``_Plan.matches``); what may change
-from step to step is the gradients (new tensors, whose dtype, shape and device torch's ``.grad``
-setter keeps equal to the param's, but not their strides), the step's scalars and the rule's
-per-param inputs. So the first call of a layout goes through Dynamo (which compiles, or finds
-the graph it compiled before), and the following calls of that layout hand the inputs to the
-graph Dynamo compiled for it, after checking what may have changed: the gradients' strides and
-the scalars' and inputs' dtype, shape, strides and device (and the value of a scalar that is a
-Python number, which the graph holds as a constant). Anything else goes back through Dynamo.
+step counters are the same tensors on the same storage (see ``_Plan.matches``). So the first
+call of a layout goes through Dynamo (which compiles, or finds the graph it compiled before),
+and the following calls of that layout hand the inputs to the graph Dynamo compiled for it,
+after checking, besides the plan, what may have changed: the params' sizes and strides (a
+``.data`` swap to another view of the same memory keeps the data pointer), the gradients'
+sizes, strides and dtypes, the scalars' and step inputs' metadata (and the value of a scalar
+that is a Python number, which the graph holds as a constant), and which inputs are one
+tensor. Anything else goes back through Dynamo. Not followed: a state buffer rebound through
+``.data`` to another view of its own memory (the plan sees the same tensor and pointer).
 """
 
 from __future__ import annotations
 
 import itertools
+import operator
 import types
 import weakref
 from collections.abc import Callable
@@ -39,21 +41,37 @@ class GraphCall:
         graph: Callable[..., Any],
         index: list[int],
         aliases: list[tuple[int, int]],
-        grad_strides: list,
-        other: list,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        other: list[Any],
     ):
         self.graph, self.index, self.aliases = graph, index, aliases
-        self.grad_strides, self.other = grad_strides, other
+        self.layout = _layout(params, grads)
+        self.other = _metadata(other)
 
-    def accepts(self, flat: list[Any], grads: list[torch.Tensor], other: list[Any]) -> bool:
+    def accepts(self, flat: list[Any], params: list, grads: list, other: list[Any]) -> bool:
         return (
-            list(map(torch.Tensor.stride, grads)) == self.grad_strides
+            _layout(params, grads) == self.layout
             and _metadata(other) == self.other
             and all(flat[i] is flat[j] for i, j in self.aliases)
         )
 
     def __call__(self, flat: list[Any]) -> None:
         self.graph(*[flat[i] for i in self.index])  # (as Dynamo calls its graphs)
+
+
+def _layout(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list]:
+    """The params' sizes and strides (``p.data = p.data.t()`` keeps the data pointer the plan
+    checks) and the gradients' sizes, strides and dtypes (a new gradient each step, which
+    ``p.grad.data = ...`` or ``p.grad_dtype`` may make anything): one C-level pass per list."""
+    size, stride, dtype = torch.Tensor.size, torch.Tensor.stride, operator.attrgetter("dtype")
+    return [
+        list(map(size, params)),
+        list(map(stride, params)),
+        list(map(size, grads)),
+        list(map(stride, grads)),
+        list(map(dtype, grads)),
+    ]
 
 
 class CompiledRule:
@@ -99,7 +117,7 @@ class CompiledRule:
         other = [*_leaves(*cast.values()), *itertools.chain(*leaf_inputs.values())]
         flat = [*other, *params, *grads, *itertools.chain(*buffers.values()), *steps]
         call = holder.graph
-        if call is not None and call.accepts(flat, grads, other):
+        if call is not None and call.accepts(flat, params, grads, other):
             call(flat)
             return
         args = (cast, params, grads, buffers, steps, flags, leaf_inputs)
@@ -127,10 +145,10 @@ class CompiledRule:
             tuple(leaf_inputs),
             len(params),
         )
-        holder.graph = self._graph_call(flat, grads, other, written, structure)
+        holder.graph = self._graph_call(flat, params, grads, other, written, structure)
 
     def _graph_call(
-        self, flat: list, grads: list, other: list, written: list, structure: tuple
+        self, flat: list, params: list, grads: list, other: list, written: list, structure: tuple
     ) -> GraphCall | None:
         """The graph Dynamo has just run for this layout, or None where that is not certain."""
         if len({t.untyped_storage().data_ptr() for t in written}) != len(written):
@@ -158,7 +176,7 @@ class CompiledRule:
         elif self._compiled_now or signature not in self._graphs:
             return None
         graph, index = self._graphs[signature]
-        return GraphCall(graph, index, aliases, list(map(torch.Tensor.stride, grads)), _metadata(other))
+        return GraphCall(graph, index, aliases, params, grads, other)
 
 
 def _leaves(*mappings: dict[str, Any]) -> list[Any]:

@@ -477,8 +477,8 @@ def test_large_steps_split_between_threads_with_the_same_results() -> None:
 
 
 def test_threads_see_the_callers_numpy_error_state() -> None:
-    """np.errstate is the caller's in every thread: an overflow in the second half of the
-    chunks (run by a worker thread) raises under ``over="raise"``."""
+    """np.errstate is the caller's in every thread (NumPy 1 keeps it per thread): an overflow in
+    the second half of the chunks (run by a worker thread) raises under ``over="raise"``."""
     n = 2 * _chunk_program.PARALLEL_ELEMENTS
     params, grads = big_problem(n)
     grads["w"][n // 2 + 1000] = 1e30  # g * g overflows float32

@@ -626,6 +626,40 @@ def test_compiled_step_runs_its_graph_without_dynamo_and_follows_the_gradients_s
 
 
 @pytest.mark.slow
+def test_compiled_step_follows_params_and_grads_rebound_in_place() -> None:
+    """What keeps a tensor's data pointer but not its layout goes back through Dynamo: a param
+    rebound through ``.data`` to its own transpose (its gradient kept, as with
+    ``zero_grad(set_to_none=False)``), gradients of another dtype (``p.grad_dtype = None``),
+    and a param cut to fewer rows, which fails as the eager step does rather than reading past
+    the gradient's end."""
+    runs = {}
+    for compiled in (True, False):
+        square = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        wide = torch.randn(3, 4, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+        params = [square.requires_grad_(), wide.requires_grad_()]
+        params[1].grad_dtype = None
+        opt = ours.Adam(params, lr=0.1, compile=compiled)
+        for step in range(5):
+            if step == 2:
+                params[0].data = params[0].data.t()  # the same storage, transposed strides
+            g = torch.arange(9.0, dtype=torch.float64).reshape(3, 3) + step
+            if params[0].grad is None:
+                params[0].grad = g.clone()
+            else:
+                params[0].grad.copy_(g)
+            params[1].grad = (torch.arange(12.0).reshape(3, 4) - 5 + step).to(
+                torch.float32 if step < 3 else torch.float64
+            )
+            opt.step()
+        runs[compiled] = [p.detach().clone() for p in params]
+        params[1].data = params[1].data[:2]  # the same pointer and strides, fewer rows
+        with pytest.raises(Exception):  # noqa: B017 (eager: a size mismatch; compiled: Dynamo's)
+            opt.step()
+    assert relative_error(flat(runs[True][:1]), flat(runs[False][:1])) <= 1e-12
+    assert relative_error(flat(runs[True][1:]), flat(runs[False][1:])) <= 1e-6
+
+
+@pytest.mark.slow
 def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
     """Dynamo keeps a bounded number of graphs per code object and silently runs the rest
     eagerly: compiled optimizers over differently shaped params in one process (a sweep, a
