@@ -7,12 +7,13 @@ step plan already checks, in fewer and cheaper comparisons, that the params, sta
 step counters are the same tensors on the same storage (see ``_Plan.matches``). So the first
 call of a layout goes through Dynamo (which compiles, or finds the graph it compiled before),
 and the following calls of that layout hand the inputs to the graph Dynamo compiled for it,
-after checking, besides the plan, what may have changed: the params' sizes and strides (a
-``.data`` swap to another view of the same memory keeps the data pointer), the gradients'
-sizes, strides and dtypes, the scalars' and step inputs' metadata (and the value of a scalar
-that is a Python number, which the graph holds as a constant), and which inputs are one
-tensor. Anything else goes back through Dynamo. Not followed: a state buffer rebound through
-``.data`` to another view of its own memory (the plan sees the same tensor and pointer).
+after checking, besides the plan, what may have changed: the params' element counts and
+strides (a ``.data`` swap to another view of the same memory keeps the data pointer), the
+gradients' element counts, strides and dtypes, the scalars' and step inputs' metadata (and the
+value of a scalar that is a Python number, which the graph holds as a constant), and which
+inputs are one tensor. Anything else goes back through Dynamo. Not followed: a state buffer
+rebound through ``.data`` to another view of its own memory (the plan sees the same tensor
+and pointer).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class GraphCall:
         grads: list[torch.Tensor],
         other: list[Any],
     ):
-        self.graph, self.index, self.aliases = graph, index, aliases
+        self.graph, self.aliases = graph, aliases
+        # the graph's inputs, in its order, picked in one C-level call
+        self.pick = operator.itemgetter(*index) if len(index) > 1 else lambda flat: (flat[index[0]],)
         self.layout = _layout(params, grads)
         self.other = _metadata(other)
 
@@ -57,18 +60,19 @@ class GraphCall:
         )
 
     def __call__(self, flat: list[Any]) -> None:
-        self.graph(*[flat[i] for i in self.index])  # (as Dynamo calls its graphs)
+        self.graph(*self.pick(flat))  # (as Dynamo calls its graphs)
 
 
 def _layout(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list]:
-    """The params' sizes and strides (``p.data = p.data.t()`` keeps the data pointer the plan
-    checks) and the gradients' sizes, strides and dtypes (a new gradient each step, which
-    ``p.grad.data = ...`` or ``p.grad_dtype`` may make anything): one C-level pass per list."""
-    size, stride, dtype = torch.Tensor.size, torch.Tensor.stride, operator.attrgetter("dtype")
+    """The params' and gradients' element counts and strides (``p.data = p.data.t()`` keeps the
+    data pointer the plan checks; with the strides, the count fixes the shape of any view of
+    the same memory) and the gradients' dtypes (``p.grad_dtype = None`` lets them change): one
+    C-level pass per property (a ``torch.Size`` per tensor would cost 3x a count)."""
+    numel, stride, dtype = torch.Tensor.numel, torch.Tensor.stride, operator.attrgetter("dtype")
     return [
-        list(map(size, params)),
+        list(map(numel, params)),
         list(map(stride, params)),
-        list(map(size, grads)),
+        list(map(numel, grads)),
         list(map(stride, grads)),
         list(map(dtype, grads)),
     ]
