@@ -22,9 +22,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from agnostic_optim import trees
-
-PyTree = Any
-KeyPath = tuple
+from agnostic_optim.trees import KeyPath, PyTree
 
 
 class _Layer(NamedTuple):
@@ -69,22 +67,21 @@ def kfac_layer_stats(
     if wanted is not None:
         candidates = [paths.index(path) for path in wanted]
     found = _find_layers(closed.jaxpr, candidates)
-    for i in candidates:
+    for i in candidates if wanted is not None else ():
         uses = found.get(i, [])
-        if wanted is not None and len(uses) != 1:
+        if len(uses) != 1:
             raise ValueError(
                 f"kfac_layer_stats: weight {paths[i]!r} is used by {len(uses)} linear layers of "
                 "loss_fn (it must be exactly one)"
             )
-    layer_of = {paths[i]: uses[0] for i, uses in found.items() if len(uses) == 1 and i in candidates}
+    layer_of = {paths[i]: uses[0] for i, uses in found.items() if len(uses) == 1}
     by_equation = {layer.equation: path for path, layer in layer_of.items()}
 
     def objective(flat: list[jax.Array], zeros: dict[KeyPath, jax.Array]) -> tuple[Any, dict]:
         return _evaluate(closed, flat, zeros, by_equation, layer_of)
 
-    zeros = {
-        path: jnp.zeros(shape, dtype) for path, (shape, dtype) in _output_avals(closed, layer_of).items()
-    }
+    outputs = {path: closed.jaxpr.eqns[layer.equation].outvars[0].aval for path, layer in layer_of.items()}
+    zeros = {path: jnp.zeros(aval.shape, aval.dtype) for path, aval in outputs.items()}
     (loss, activations), (grads, output_grads) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
         leaves, zeros
     )
@@ -117,14 +114,6 @@ def _find_layers(jaxpr: Any, candidates: list[int]) -> dict[int, list[_Layer]]:
                     layer = _Layer(index, 1 - side, contracting[1 - side][0], 0 if side == 0 else -1)
                     found.setdefault(sources[side], []).append(layer)
     return found
-
-
-def _output_avals(closed: Any, layer_of: dict[KeyPath, _Layer]) -> dict[KeyPath, tuple[tuple, Any]]:
-    avals = {}
-    for path, layer in layer_of.items():
-        aval = closed.jaxpr.eqns[layer.equation].outvars[0].aval
-        avals[path] = (aval.shape, aval.dtype)
-    return avals
 
 
 def _evaluate(
