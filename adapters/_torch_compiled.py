@@ -1,206 +1,228 @@
-"""The torch adapter's ``compile=True`` step: a rule's update compiled by ``torch.compile``, then
-called straight through the compiled graph while the layout it was compiled for holds.
+"""The torch adapter's ``compile=True`` step: a rule's step compiled by ``torch.compile`` as two
+graphs (the scalar arithmetic, then the update of every param), called straight through the
+compiled graphs while the layout they were compiled for holds.
+
+Two graphs, because Inductor cannot give one good code for both: a scalar it computes in the
+graph that streams the params is either recomputed inside every loop that reads it (a 0-d
+result: powers and square roots per element) or, stacked into one buffer, read by each of
+thousands of loops, which makes Inductor's scheduler quadratic in the number of params (3 min to
+compile 600). The first graph returns the step's scalars stacked into one vector per compute
+dtype; the second reads them as inputs.
 
 Dynamo checks every input of a compiled function on every call (sizes, strides, dtype, device of
-each tensor: ~2,400 tensors for AdamW over 600 params) before it runs the graph. The adapter's
-step plan already checks, in fewer and cheaper comparisons, that the params, state buffers and
-step counters are the same tensors on the same storage (see ``_Plan.matches``). So the first
-call of a layout goes through Dynamo (which compiles, or finds the graph it compiled before),
-and the following calls of that layout hand the inputs to the graph Dynamo compiled for it,
-after checking, besides the plan, what may have changed: the params' element counts and
-strides (a ``.data`` swap to another view of the same memory keeps the data pointer), the
-gradients' element counts, strides and dtypes, the scalars' and step inputs' metadata (and the
-value of a scalar that is a Python number, which the graph holds as a constant), and which
-inputs are one tensor. Anything else goes back through Dynamo. Not followed: a state buffer
-rebound through ``.data`` to another view of its own memory (the plan sees the same tensor
-and pointer).
+each tensor: ~2,400 tensors for AdamW over 600 params) in guard code before it runs a graph.
+A layout's first step goes through Dynamo (which compiles, or finds the graphs it compiled
+before) and records which graphs ran on which of the step's tensors; the following steps hand
+the tensors straight to those graphs, after one C++ pass over the graphs' inputs (Dynamo's own
+``TensorGuards``: dispatch keys, dtype, device, sizes, strides and ``requires_grad`` of each,
+as recorded), a check of whatever else the step passed (Python values by value, tensors the
+graphs only read metadata from) and of which inputs are one tensor. Anything else goes back
+through Dynamo. A graph reads each tensor's memory when it runs, so a tensor rebound through
+``.data`` to other memory of the same layout is followed. Not followed, as under
+``torch.compile`` itself: a rebinding that makes two tensors of the step share memory.
 """
 
 from __future__ import annotations
 
-import itertools
 import operator
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-Signature = tuple
+try:  # Dynamo's C++ tensor checks (a private API: a Python comparison stands in where it is missing)
+    from torch._C._dynamo.guards import TensorGuards
+except ImportError:  # pragma: no cover - depends on the torch build
+    TensorGuards = None
+
+Graph = Callable[..., Any]
 
 
 class GraphCall:
-    """One layout's compiled graph: its inputs picked from the step's flat input list.
+    """A layout's two compiled graphs, called with their inputs picked from the step's flat
+    list (the update graph's also from the vectors the scalar graph returns).
 
-    Dynamo gives a tensor passed twice one graph input: ``aliases`` are the pairs of positions
-    that held one tensor when the graph was compiled, and must still do."""
+    ``index_scalars``/``index_update``: the position of each graph input in ``flat`` (positions
+    past its end: the returned vectors). Dynamo gives a tensor passed twice one graph input:
+    ``aliases`` are the pairs of positions that held one tensor when the graphs ran, and must
+    still do."""
 
     def __init__(
         self,
-        graph: Callable[..., Any],
-        index: list[int],
+        scalar_graph: Graph,
+        index_scalars: list[int],
+        update_graph: Graph,
+        index_update: list[int],
         aliases: list[tuple[int, int]],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        other: list[Any],
+        flat: list,
     ):
-        self.graph, self.aliases = graph, aliases
-        # the graph's inputs, in its order, picked in one C-level call
-        self.pick = operator.itemgetter(*index) if len(index) > 1 else lambda flat: (flat[index[0]],)
-        self.layout = _layout(params, grads)
-        self.other = _metadata(other)
+        self.scalar_graph, self.update_graph, self.aliases = scalar_graph, update_graph, aliases
+        self.pick_scalars = _picker(index_scalars)
+        self.pick_update = _picker(index_update)
+        taken = {i for i in (*index_scalars, *index_update) if i < len(flat)}
+        self.pick_inputs = _picker(sorted(taken))
+        self.check_inputs = _input_check(self.pick_inputs(flat))
+        self.pick_rest = _picker(sorted(set(range(len(flat))) - taken))
+        self.rest = _metadata(self.pick_rest(flat))
 
-    def accepts(self, flat: list[Any], params: list, grads: list, other: list[Any]) -> bool:
+    def accepts(self, flat: list) -> bool:
         return (
-            _layout(params, grads) == self.layout
-            and _metadata(other) == self.other
+            self.check_inputs(self.pick_inputs(flat))
+            and _metadata(self.pick_rest(flat)) == self.rest
             and all(flat[i] is flat[j] for i, j in self.aliases)
         )
 
-    def __call__(self, flat: list[Any]) -> None:
-        self.graph(*self.pick(flat))  # (as Dynamo calls its graphs)
+    def __call__(self, flat: list) -> None:
+        vectors = self.scalar_graph(*self.pick_scalars(flat))  # (as Dynamo calls its graphs)
+        self.update_graph(*self.pick_update([*flat, *vectors]))
 
 
-def _layout(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[list]:
-    """The params' and gradients' element counts and strides (``p.data = p.data.t()`` keeps the
-    data pointer the plan checks; with the strides, the count fixes the shape of any view of
-    the same memory) and the gradients' dtypes (``p.grad_dtype = None`` lets them change): one
-    C-level pass per property (a ``torch.Size`` per tensor would cost 3x a count)."""
-    numel, stride, dtype = torch.Tensor.numel, torch.Tensor.stride, operator.attrgetter("dtype")
-    return [
-        list(map(numel, params)),
-        list(map(stride, params)),
-        list(map(numel, grads)),
-        list(map(stride, grads)),
-        list(map(dtype, grads)),
-    ]
+def _picker(index: Sequence[int]) -> Callable[[list], tuple]:
+    """``flat -> tuple(flat[i] for i in index)`` in one C-level call."""
+    if len(index) > 1:
+        return operator.itemgetter(*index)
+    if index:
+        return lambda flat: (flat[index[0]],)
+    return lambda flat: ()
 
 
-class CompiledRule:
-    """``update`` (the rule's in-place step over lists of tensors) compiled by ``torch.compile``.
-
-    Call it with the step's inputs and the object that keeps its layout (``holder.graph``)."""
-
-    def __init__(self, owner: Any, update: Callable[..., None], on_fallback: Callable[[str], None]):
-        # Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and then runs the
-        # function eagerly: each optimizer's rule gets a code object of its own, or every
-        # compiled optimizer in a process would share the one of ``update``.
-        own = types.FunctionType(
-            update.__code__.replace(), update.__globals__, update.__name__, None, update.__closure__
+def _input_check(inputs: tuple) -> Callable[[tuple], bool]:
+    """A check that tensors have the dispatch keys, dtype, device, sizes, strides and
+    ``requires_grad`` of ``inputs``: one C++ pass (a Python one without ``TensorGuards``)."""
+    if TensorGuards is not None and all(isinstance(t, torch.Tensor) for t in inputs):
+        guards = TensorGuards(
+            *inputs,
+            dynamic_dims_sizes=[list(t.shape) for t in inputs],
+            dynamic_dims_strides=[list(t.stride()) for t in inputs],
         )
-        # Dynamo's cache entries on a code object are not freed with it: drop them with us
-        weakref.finalize(owner, _release_compiled, own.__code__)
-        self._eager, self._on_fallback = own, on_fallback
-        self._dynamo: Callable[..., None] | None = torch.compile(own, backend=self._compile, dynamic=False)
-        self._graphs: dict[Signature, tuple[Callable, list[int]]] = {}  # layouts compiled so far
-        self._compiled_now: list[tuple[Callable, list[int]]] = []
+        return lambda tensors: guards.check(*tensors)
+    expected = _metadata(inputs)
+    return lambda tensors: _metadata(tensors) == expected
 
-    def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        """Dynamo's backend: Inductor, remembering the graph and which inputs it takes.
+
+class CompiledStep:
+    """A step as two functions compiled by ``torch.compile``: ``scalars(*scalar_args) ->
+    (vectors, layout)`` (the scalars stacked into one tensor per compute dtype, and how to read
+    them back) and ``update(vectors, layout, *update_args)``, writing its results in place.
+
+    Call it with the arguments, every tensor and Python value they hold in one flat list
+    (``flat``, in an order the caller keeps), the tensors the step writes and the object that
+    keeps the layout's graphs (``holder.graph``)."""
+
+    def __init__(
+        self,
+        owner: Any,
+        scalars: Callable[..., tuple],
+        update: Callable[..., None],
+        on_fallback: Callable[[str], None],
+    ):
+        # Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and then runs the
+        # function eagerly: each optimizer's rule gets code objects of its own, or every
+        # compiled optimizer in a process would share those of ``scalars`` and ``update``.
+        self._eager = (_own_code(scalars, owner), _own_code(update, owner))
+        self._compiled = tuple(torch.compile(f, backend=self._compile, dynamic=False) for f in self._eager)
+        self._on_fallback = on_fallback
+        self._dynamo: Callable[[tuple, tuple], None] | None = self._through_dynamo
+        self._ran: list[tuple[Graph, list[int], Any]] = []  # graphs run by Dynamo on this call
+
+    def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Graph:
+        """Dynamo's backend: Inductor, and a record of each call Dynamo makes to the graph.
 
         Inductor's per-call size asserts are off: Dynamo's guards check every input's sizes and
-        strides on the first call of a layout, and :class:`GraphCall` the ones that may change."""
+        strides on the first call of a layout, and :class:`GraphCall` on the others."""
         graph = compile_fx(graph_module, example_inputs, config_patches={"size_asserts": False})
-        self._compiled_now.append((graph, [id(t) for t in example_inputs]))
-        return graph
+
+        def recorded(*args: Any) -> Any:
+            outputs = graph(*args)
+            self._ran.append((graph, [id(a) for a in args], outputs))
+            return outputs
+
+        return recorded
 
     def __call__(
-        self,
-        holder: Any,
-        cast: dict,
-        params: list,
-        grads: list,
-        buffers: dict,
-        steps: list,
-        flags: list | None,
-        leaf_inputs: dict,
+        self, holder: Any, scalar_args: tuple, update_args: tuple, flat: list, written: list
     ) -> None:
-        # what changes from step to step, besides the gradients: the scalars and the inputs
-        other = [*_leaves(*cast.values()), *itertools.chain(*leaf_inputs.values())]
-        flat = [*other, *params, *grads, *itertools.chain(*buffers.values()), *steps]
         call = holder.graph
-        if call is not None and call.accepts(flat, params, grads, other):
+        if call is not None and call.accepts(flat):
             call(flat)
             return
-        args = (cast, params, grads, buffers, steps, flags, leaf_inputs)
         if self._dynamo is None:  # the compiler failed once: eager from then on
-            self._eager(*args)
+            scalars, update = self._eager
+            update(*scalars(*scalar_args), *update_args)
             return
-        self._compiled_now.clear()
+        self._ran.clear()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        vectors = self._dynamo(scalar_args, update_args)
+        ran, self._ran = self._ran, []
+        if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
+            return  # eager, or more than one graph per function: Dynamo runs every call
+        holder.graph = _graph_call(ran, flat, written, vectors)
+
+    def _through_dynamo(self, scalar_args: tuple, update_args: tuple) -> tuple | None:
+        """The step through Dynamo; the scalar vectors (None where it fell back to eager)."""
+        (scalars, update), (compiled_scalars, compiled_update) = self._eager, self._compiled
         try:
-            self._dynamo(*args)
+            vectors, layout = compiled_scalars(*scalar_args)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             # raised while compiling, before the step ran: nothing has been written yet
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            self._on_fallback(first_line)
-            self._dynamo = None
-            self._eager(*args)
-            return
-        if sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
-            return  # more than one graph: Dynamo runs every call
-        written = [*params, *itertools.chain(*buffers.values()), *steps]
-        structure = (
-            tuple((dtype, tuple(scalars)) for dtype, scalars in cast.items()),
-            tuple(flags or ()),
-            tuple(buffers),
-            tuple(leaf_inputs),
-            len(params),
-        )
-        holder.graph = self._graph_call(flat, params, grads, other, written, structure)
-
-    def _graph_call(
-        self, flat: list, params: list, grads: list, other: list, written: list, structure: tuple
-    ) -> GraphCall | None:
-        """The graph Dynamo has just run for this layout, or None where that is not certain."""
-        if len({t.untyped_storage().data_ptr() for t in written}) != len(written):
-            return None  # state sharing storage: Dynamo's guards decide every step
-        position: dict[int, int] = {}
-        aliases = []
-        for i, t in enumerate(flat):
-            if isinstance(t, torch.Tensor):
-                if id(t) in position:
-                    aliases.append((position[id(t)], i))
-                else:
-                    position[id(t)] = i
-        signature = (
-            tuple(_metadata(flat)),
-            tuple(t.requires_grad for t in flat if isinstance(t, torch.Tensor)),
-            tuple(aliases),
-            structure,
-        )
-        if len(self._compiled_now) == 1:  # compiled on this call
-            graph, input_ids = self._compiled_now[0]
-            index = [position.get(i) for i in input_ids]
-            if None in index:
-                return None
-            self._graphs[signature] = (graph, index)
-        elif self._compiled_now or signature not in self._graphs:
+            self._fall_back(error)
+            update(*scalars(*scalar_args), *update_args)
             return None
-        graph, index = self._graphs[signature]
-        return GraphCall(graph, index, aliases, params, grads, other)
+        try:
+            compiled_update(vectors, layout, *update_args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            self._fall_back(error)
+            update(vectors, layout, *update_args)
+            return None
+        return vectors
+
+    def _fall_back(self, error: Exception) -> None:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self._on_fallback(first_line)
+        self._dynamo = None
 
 
-def _leaves(*mappings: dict[str, Any]) -> list[Any]:
-    """The values of ``mappings``, in order, tuples flattened."""
-    out: list[Any] = []
+def _graph_call(
+    ran: list[tuple[Graph, list[int], Any]], flat: list, written: list, vectors: tuple
+) -> GraphCall | None:
+    """The graphs Dynamo has just run for this layout, or None where that is not certain: one
+    graph per function, the scalar one returning exactly ``vectors``, every graph input found
+    in ``flat`` or ``vectors``, and no two written tensors sharing storage (Dynamo's guards
+    decide every step then)."""
+    if len(ran) != 2 or len({t.untyped_storage().data_ptr() for t in written}) != len(written):
+        return None
+    (scalar_graph, scalar_ids, outputs), (update_graph, update_ids, _) = ran
+    if len(outputs) != len(vectors) or not all(map(operator.is_, outputs, vectors)):
+        return None
+    position: dict[int, int] = {}
+    aliases = []
+    for i, t in enumerate([*flat, *vectors]):
+        if isinstance(t, torch.Tensor):
+            if id(t) in position:
+                aliases.append((position[id(t)], i))
+            else:
+                position[id(t)] = i
+    index_scalars = [position.get(i) for i in scalar_ids]
+    index_update = [position.get(i) for i in update_ids]
+    if None in index_scalars or None in index_update or any(i >= len(flat) for i in index_scalars):
+        return None
+    return GraphCall(scalar_graph, index_scalars, update_graph, index_update, aliases, flat)
 
-    def add(value: Any) -> None:
-        if isinstance(value, tuple):
-            for v in value:
-                add(v)
-        else:
-            out.append(value)
 
-    for mapping in mappings:
-        for value in mapping.values():
-            add(value)
-    return out
+def _own_code(function: Callable, owner: Any) -> Callable:
+    """``function`` with a code object of its own, whose Dynamo cache is freed with ``owner``."""
+    own = types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, None, function.__closure__
+    )
+    # Dynamo's cache entries on a code object are not freed with it: drop them with the owner
+    weakref.finalize(owner, _release_compiled, own.__code__)
+    return own
 
 
-def _metadata(values: list[Any]) -> list[Any]:
+def _metadata(values: Sequence[Any]) -> list[Any]:
     """What a compiled graph specializes on: a tensor's dtype, shape, strides and device; a
     Python value's type and value."""
     return [

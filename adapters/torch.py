@@ -50,7 +50,7 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import _backend, blocks, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
-from agnostic_optim.adapters._torch_compiled import CompiledRule, GraphCall
+from agnostic_optim.adapters._torch_compiled import CompiledStep, GraphCall
 from agnostic_optim.adapters._torch_kfac import KFAC
 from agnostic_optim.adapters._torch_lbfgs import LBFGS
 from agnostic_optim.adapters._torch_wrappers import SAM, Lookahead
@@ -143,8 +143,9 @@ class _Subset:
         self.params, self.states, self.buffers, self.count = params, states, buffers, count
         self.layout, self.groups = layout, groups  # the eager path's chunks and leaf groups
         self.flags = flags  # the rule's mask, one bool per param (None: no mask)
-        self.compute_leaves: dict[Any, torch.Tensor] | None = None  # the compiled path's
         self.graph: GraphCall | None = None  # the compiled path's graph for this layout
+        self.count_tensor: torch.Tensor | None = None  # the compiled path's step count
+        self.compute_dtypes: tuple[torch.dtype, ...] = ()  # the compiled path's, in params' order
         steps = [s["step"] for s in states if "step" in s]
         plain = len(steps) == len(states) and all(isinstance(t, torch.Tensor) for t in steps)
         # the step counters when they are torch.optim's float tensors (incremented in one call;
@@ -162,11 +163,14 @@ class _Plan:
 
     :meth:`matches` checks that, in a few O(params) passes each step: the same params have
     gradients; each has the same state dict holding the same values (buffers, ``step``, running
-    scalars) in the same order; params, buffers and step counters keep their data pointers
-    (``x.data = ...`` would leave the chunk views on the old storage, and the compiled graph
-    reading other strides), and chunked ones their strides; the version counters of the step
-    counters and running scalars show that only this optimizer changed them, and (one batched
-    host read per subset) the step counters still hold the count the plan keeps.
+    scalars) in the same order (read from the dicts' version tags, which every change of a dict
+    moves, where this Python has them); the version counters of the step counters and running
+    scalars show that only this optimizer changed them, and (one batched host read per subset)
+    the step counters still hold the count the plan keeps. The step counters keep their data
+    pointers (they are incremented through their shared base). On the eager path, so do the
+    params and buffers (``x.data = ...`` would leave the chunk views on the old storage) and
+    chunked ones their strides; the compiled graph reads each tensor's memory as it runs and
+    checks their layouts itself (see ``_torch_compiled``).
     """
 
     def __init__(
@@ -174,12 +178,16 @@ class _Plan:
         group: dict[str, Any],
         rule: engine.Rule,
         params: list[torch.Tensor],
-        states: list[dict[str, Any]],
+        state_map: dict,
         subsets: list[_Subset],
+        compiled: bool,
     ):
-        self.group, self.rule, self.params, self.states, self.subsets = group, rule, params, states, subsets
-        self.buffers = {name: [s[name] for s in states] for name in engine.buffer_names(rule)}
+        self.group, self.rule, self.params, self.subsets = group, rule, params, subsets
+        self.state_map = state_map
+        self.states = [state_map[p] for p in params]
+        self.buffers = {name: [s[name] for s in self.states] for name in engine.buffer_names(rule)}
         self.cacheable = all(type(p) in _PLAIN_TENSORS for p in params)  # DTensor: no data pointer
+        self.compiled = compiled
         if self.cacheable:
             self.pointers = self._pointers()
             self.chunked = [
@@ -191,37 +199,50 @@ class _Plan:
                 for t in (subset.params[i], *(buffers[i] for buffers in subset.buffers.values()))
             ]
             self.strides = [t.stride() for t in self.chunked]
-        self.record_history(states)
+        self.record_history()
 
     def _pointers(self) -> list[int]:
         # counters read and incremented through their shared base must still be its elements
         counters = [subset.steps for subset in self.subsets if subset.counters is not None]
-        tensors = itertools.chain(self.params, *self.buffers.values(), *counters)
-        return list(map(torch.Tensor.data_ptr, tensors))
+        owned = () if self.compiled else (self.params, *self.buffers.values())
+        return list(map(torch.Tensor.data_ptr, itertools.chain(*owned, *counters)))
 
-    def record_history(self, states: list[dict[str, Any]]) -> None:
+    def record_history(self) -> None:
         """Remember the state's values, and the versions of the step counters and running
         scalars, as this step left them."""
-        self.values = [v for s in states for v in s.values()]
+        if _dict_version is not None:
+            self.map_version = _dict_version(self.state_map)
+            self.values = list(map(_dict_version, self.states))
+        else:
+            self.values = [v for s in self.states for v in s.values()]
         versioned: list[Any] = []
         for subset in self.subsets:
             if subset.counters is not None:  # its elements share its version counter: one read
                 versioned.append(subset.counters)
             elif subset.steps != []:  # ([]: no ``step``, as in torch.optim.SGD's state)
                 versioned += [s.get("step") for s in subset.states]
-        versioned += [s.get(key) for key in self.rule.scalars for s in states]
+        versioned += [s.get(key) for key in self.rule.scalars for s in self.states]
         self.versioned, self.versions = versioned, _versions(versioned)
 
-    def matches(
-        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
-    ) -> bool:
+    def matches(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> bool:
         if self.group is not group or self.rule is not rule or len(params) != len(self.params):
             return False
-        if not all(map(operator.is_, params, self.params)) or not all(map(operator.is_, states, self.states)):
+        if not all(map(operator.is_, params, self.params)):
             return False
-        values = [v for s in states for v in s.values()]
-        if len(values) != len(self.values) or not all(map(operator.is_, values, self.values)):
-            return False
+        if _dict_version is not None:  # the same dicts, changed by no one (a tag per dict)
+            if _dict_version(self.state_map) != self.map_version:
+                states = [self.state_map.get(p) for p in params]
+                if not all(map(operator.is_, states, self.states)):
+                    return False
+            if list(map(_dict_version, self.states)) != self.values:
+                return False
+        else:
+            states = [self.state_map.get(p) for p in params]
+            if not all(map(operator.is_, states, self.states)):
+                return False
+            values = [v for s in states for v in s.values()]
+            if len(values) != len(self.values) or not all(map(operator.is_, values, self.values)):
+                return False
         if self._pointers() != self.pointers or [t.stride() for t in self.chunked] != self.strides:
             return False
         if _versions(self.versioned) != self.versions:
@@ -234,6 +255,24 @@ class _Plan:
             if not bool((values == subset.count).all()):
                 return False
         return True
+
+
+def _probe_dict_version() -> Callable[[dict], int] | None:
+    """CPython's per-dict version tag (moved by every insertion, deletion or replacement of a
+    value), as Dynamo reads it for its guards; None where it is missing or does not move."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    probe: dict[str, object] = {}
+    tags = [dict_version(probe)]
+    for change in (lambda: probe.setdefault("a", 0), lambda: probe.update(a=1), lambda: probe.pop("a")):
+        change()
+        tags.append(dict_version(probe))
+    return dict_version if len(set(tags)) == len(tags) else None
+
+
+_dict_version = _probe_dict_version()
 
 
 def _versions(values: list[Any]) -> list[int | None]:
@@ -415,21 +454,20 @@ class TorchOptimizer(torch.optim.Optimizer):
                     "use torch.optim.SparseAdam or densify the gradient"
                 )
             rule = self._optimizer_for(group).rule
-            states = [self.state[p] for p in params]
             plan = self._plans.get(id(group))
-            rebuilt = plan is None or not plan.matches(group, rule, params, states)
+            rebuilt = plan is None or not plan.matches(group, rule, params)
             if rebuilt:
-                plan = self._plan(group, rule, params, states)
+                plan = self._plan(group, rule, params)
             for subset in plan.subsets:
                 self._step_subset(group, rule, subset, inputs, grads if len(plan.subsets) == 1 else None)
             if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
-                for s in states:
+                for s in plan.states:
                     s.pop("step", None)
                 for subset in plan.subsets:
                     subset.steps, subset.counters = [], None
                 if plan.cacheable:
                     plan.pointers = plan._pointers()  # without the dropped counters
-            plan.record_history(states)
+            plan.record_history()
         return loss
 
     def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
@@ -437,10 +475,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         tensor. Plain optimizers take none; AdaHessian makes its Hessian estimates from autograd."""
         return {}
 
-    def _plan(
-        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], states: list[dict]
-    ) -> _Plan:
+    def _plan(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> _Plan:
         """Initialise missing state and lay the group's step out (kept while it matches)."""
+        states = [self.state[p] for p in params]
         fresh = [(p, s) for p, s in zip(params, states) if not s]
         for (p, s), step in zip(fresh, _shared_counters([0.0] * len(fresh))):
             s.update(_initial_param_state(rule, p, step))
@@ -462,7 +499,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 groups = engine.leaf_groups(layout.params, layout.buffers, flags, _batching(rule))
             count = _step_count(member_states[0])
             subsets.append(_Subset(members, member_states, buffers, count, layout, groups, flags))
-        plan = _Plan(group, rule, params, states, subsets)
+        plan = _Plan(group, rule, params, self.state, subsets, self._compile)
         if plan.cacheable:
             self._plans[id(group)] = plan
         return plan
@@ -518,58 +555,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         inputs: dict[str, dict[int, torch.Tensor]],
         grads: list[torch.Tensor] | None,
     ) -> None:
-        """One core step for params that share a step count: scalars eagerly, arrays fused.
-        ``grads``: the params' gradients (None: read them)."""
-        params, states, buffers = subset.params, subset.states, subset.buffers
+        """One core step for params that share a step count. ``grads``: the params' gradients
+        (None: read them)."""
+        params, states = subset.params, subset.states
         leaf_inputs = _subset_inputs(rule, params, inputs)
-        first = params[0]
-        hparams, scheduled = self._hparams(group, rule, first)
-        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
-        running = {
-            k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
-        }
-        core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
+        hparams, scheduled = self._hparams(group, rule, params[0])
         if grads is None:
             grads = list(map(_GRAD, params))
-        step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
-        caster = engine.ScalarCaster(XP, step.values)
-        steps_done = False
+        # torch.optim's per-param step counters are incremented by the compiled step too, through
+        # their shared base (not torch.optim.SGD's, which are dropped after the first step: see
+        # _keeps_step)
+        steps_done = self._compile and subset.counters is not None and self._keeps_step(rule)
         if self._compile:
-            if subset.compute_leaves is None:  # one param per compute dtype, for the scalar casts
-                subset.compute_leaves = {}
-                for p in params:
-                    subset.compute_leaves.setdefault(rule.precision.compute_dtype(XP, p), p)
-            # (Inductor would recompute scalar arithmetic inside its loops: it stays out here)
-            cast = {dtype: caster.for_leaf(p, dtype) for dtype, p in subset.compute_leaves.items()}
-            # torch.optim's per-param step counters are incremented inside the compiled step too
-            # (not torch.optim.SGD's, which are dropped after the first step: see _keeps_step)
-            steps_done = subset.steps is not None and self._keeps_step(rule)
-            counters = [subset.counters] if subset.counters is not None else subset.steps
-            self._compiled_update(rule)(
-                subset,
-                cast,
-                params,
-                grads,
-                buffers,
-                counters if steps_done else [],
-                subset.flags,
-                leaf_inputs,
-            )
+            self._compiled_subset_step(rule, subset, hparams, scheduled, grads, leaf_inputs, steps_done)
         else:
-            layout = subset.layout
-            engine.update_leaves(
-                rule,
-                XP,
-                caster.for_leaf,
-                layout.cut_grads(XP, grads),
-                layout.params,
-                layout.buffers,
-                {name: layout.cut_grads(XP, values) for name, values in leaf_inputs.items()},
-                flags=subset.flags,
-                batching=_batching(rule),
-                in_place=True,
-                groups=subset.groups,
-            )
+            self._eager_subset_step(rule, subset, hparams, scheduled, grads, leaf_inputs)
         if subset.steps is not None:
             if subset.counters is not None and not steps_done:
                 subset.counters.add_(1)
@@ -578,27 +578,137 @@ class TorchOptimizer(torch.optim.Optimizer):
         else:
             _increment_steps(states)
         subset.count += 1
+
+    def _eager_subset_step(
+        self,
+        rule: engine.Rule,
+        subset: _Subset,
+        hparams: dict[str, Any],
+        scheduled: dict[str, Any],
+        grads: list[torch.Tensor],
+        leaf_inputs: dict[str, list[torch.Tensor]],
+    ) -> None:
+        """The scalars eagerly, the arrays on ``_foreach`` kernels over the plan's chunks."""
+        params, states, layout = subset.params, subset.states, subset.layout
+        first = params[0]
+        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
+        running = {
+            k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
+        }
+        core_state = engine.OptimizerState(count, hparams, scheduled, subset.buffers, running)
+        step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
+        engine.update_leaves(
+            rule,
+            XP,
+            engine.ScalarCaster(XP, step.values).for_leaf,
+            layout.cut_grads(XP, grads),
+            layout.params,
+            layout.buffers,
+            {name: layout.cut_grads(XP, values) for name, values in leaf_inputs.items()},
+            flags=subset.flags,
+            batching=_batching(rule),
+            in_place=True,
+            groups=subset.groups,
+        )
         for s in states:
             for k, v in step.running.items():
                 # each param its own tensor: torch.optim updates loaded state in place
                 s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
 
-    def _compiled_update(self, rule: engine.Rule) -> CompiledRule:
-        """``update_leaves`` compiled by ``torch.compile``, writing params and buffers in place.
+    def _compiled_subset_step(
+        self,
+        rule: engine.Rule,
+        subset: _Subset,
+        hparams: dict[str, Any],
+        scheduled: dict[str, Any],
+        grads: list[torch.Tensor],
+        leaf_inputs: dict[str, list[torch.Tensor]],
+        steps_done: bool,
+    ) -> None:
+        """The whole step, scalars included, as compiled graphs (see :meth:`_compiled_step`)."""
+        params, states, buffers = subset.params, subset.states, subset.buffers
+        if subset.count_tensor is None:
+            subset.count_tensor = torch.tensor(subset.count, dtype=torch.int32, device=params[0].device)
+            subset.compute_dtypes = tuple(dict.fromkeys(rule.precision.compute_dtype(XP, p) for p in params))
+        counters = [subset.counters] if steps_done else []
+        # Inductor passes a 0-d float64 CPU input to its kernels by value (torch 2.13): a write
+        # to one is lost. The running scalars are read and written through 1-element views.
+        running = {k: [s[k].view(1) for s in states] for k in rule.scalars}
+        scalar_args = (
+            subset.count_tensor,
+            hparams,
+            scheduled,
+            running,
+            params,
+            grads,
+            leaf_inputs,
+            counters,
+            subset.compute_dtypes,
+        )
+        update_args = (subset.compute_dtypes, params, grads, buffers, subset.flags, leaf_inputs)
+        written = [
+            subset.count_tensor,
+            *params,
+            *itertools.chain(*buffers.values()),
+            *counters,
+            *itertools.chain(*running.values()),
+        ]
+        flat = [
+            *_leaves(hparams, scheduled),
+            *grads,
+            *itertools.chain(*leaf_inputs.values()),
+            *written,
+        ]
+        self._compiled_step(rule)(subset, scalar_args, update_args, flat, written)
 
-        The scalars come in already computed and cast, so the fused loops only stream arrays.
-        """
+    def _compiled_step(self, rule: engine.Rule) -> CompiledStep:
+        """A step of ``rule`` as two functions for ``torch.compile``: the float64 scalar
+        arithmetic (with the running scalars and step counters it writes in place), returning the
+        scalars cast to each compute dtype and stacked into one tensor per dtype; then
+        ``update_leaves`` reading them, writing params and buffers in place."""
         if id(rule) not in self._compiled:
 
+            def scalars(
+                count: torch.Tensor,
+                hparams: dict,
+                scheduled: dict,
+                running: dict,
+                params: list,
+                grads: list,
+                leaf_inputs: dict,
+                counters: list,
+                dtypes: tuple,
+            ) -> tuple[tuple[torch.Tensor, ...], dict]:
+                dtype, device = hparams_dtype(hparams), params[0].device
+                before = {k: views[0][0].to(device=device, dtype=dtype) for k, views in running.items()}
+                core_state = engine.OptimizerState(count, hparams, scheduled, {}, before)
+                prepared = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
+                for name, views in running.items():
+                    for view in views:
+                        view.copy_(prepared.running[name])
+                count.add_(1)
+                for counter in counters:
+                    counter.add_(1)
+                tensors = [v for v in _leaves(prepared.values) if isinstance(v, torch.Tensor)]
+                vectors = (
+                    tuple(torch.stack([t.to(dtype) for t in tensors]) for dtype in dtypes) if tensors else ()
+                )
+                return vectors, _scalar_layout(prepared.values)
+
             def update(
-                cast: dict,
+                vectors: tuple,
+                layout: dict,
+                dtypes: tuple,
                 params: list,
                 grads: list,
                 buffers: dict,
-                steps: list,
                 flags: list | None,
                 leaf_inputs: dict,
             ) -> None:
+                cast = {
+                    dtype: _read_scalars(layout, vectors[i] if vectors else None)
+                    for i, dtype in enumerate(dtypes)
+                }
                 outputs, new_buffers = engine.update_leaves(
                     rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers, leaf_inputs, flags
                 )
@@ -607,8 +717,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for name, values in new_buffers.items():
                     for buffer, new in zip(buffers[name], values):
                         buffer.copy_(new)
-                for counter in steps:
-                    counter.add_(1)
 
             def fall_back(reason: str) -> None:
                 warnings.warn(
@@ -617,7 +725,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     stacklevel=_outside_frames(),
                 )
 
-            self._compiled[id(rule)] = CompiledRule(self, update, fall_back)
+            self._compiled[id(rule)] = CompiledStep(self, scalars, update, fall_back)
         return self._compiled[id(rule)]
 
 
@@ -646,6 +754,53 @@ def _subset_inputs(
             raise RuntimeError(f"{rule.name}: {name} is missing for some params of a param group")
         out[name] = found
     return out
+
+
+def _leaves(*mappings: dict[str, Any]) -> list[Any]:
+    """The values of ``mappings``, in order, tuples flattened."""
+    return [leaf for mapping in mappings for value in mapping.values() for leaf in _flat_value(value)]
+
+
+def _flat_value(value: Any) -> list[Any]:
+    return [leaf for v in value for leaf in _flat_value(v)] if isinstance(value, tuple) else [value]
+
+
+def _shape(mapping: dict[str, Any]) -> tuple:
+    """The keys of ``mapping`` and the nesting of its tuple values (what :func:`_leaves` drops)."""
+
+    def nesting(value: Any) -> Any:
+        return tuple(map(nesting, value)) if isinstance(value, tuple) else None
+
+    return tuple((k, nesting(v)) for k, v in mapping.items())
+
+
+def _scalar_layout(values: dict[str, Any]) -> dict[str, Any]:
+    """Where each of ``values``' tensors sits among its :func:`_leaves` (``("at", index)``), and
+    the Python values it holds (``("value", value)``), nested as ``values`` is."""
+    tensors = 0
+
+    def place(value: Any) -> Any:
+        nonlocal tensors
+        if isinstance(value, tuple):
+            return tuple(map(place, value))
+        if not isinstance(value, torch.Tensor):
+            return ("value", value)
+        tensors += 1
+        return ("at", tensors - 1)
+
+    return {k: place(v) for k, v in values.items()}
+
+
+def _read_scalars(layout: dict[str, Any], vector: torch.Tensor | None) -> engine.Scalars:
+    """The step's scalars from their stacked ``vector`` (see :func:`_scalar_layout`)."""
+
+    def read(entry: Any) -> Any:
+        if not entry or isinstance(entry[0], tuple):  # a tuple of scalars
+            return tuple(map(read, entry))
+        kind, value = entry
+        return vector[value] if kind == "at" else value
+
+    return engine.Scalars({k: read(v) for k, v in layout.items()})
 
 
 _INTERNAL_DIRS = tuple(
