@@ -108,9 +108,8 @@ class CompiledStep:
     (vectors, layout)`` (the scalars stacked into one tensor per compute dtype, and how to read
     them back) and ``update(vectors, layout, *update_args)``, writing its results in place.
 
-    Call it with the arguments, every tensor and Python value they hold in one flat list
-    (``flat``, in an order the caller keeps), the tensors the step writes and the object that
-    keeps the layout's graphs (``holder.graph``)."""
+    :meth:`run` takes the arguments, every tensor and Python value they hold in one flat list
+    (``flat``, in an order the caller keeps) and the tensors the step writes."""
 
     def __init__(
         self,
@@ -142,24 +141,20 @@ class CompiledStep:
 
         return recorded
 
-    def __call__(
-        self, holder: Any, scalar_args: tuple, update_args: tuple, flat: list, written: list
-    ) -> None:
-        call = holder.graph
-        if call is not None and call.accepts(flat):
-            call(flat)
-            return
+    def run(self, scalar_args: tuple, update_args: tuple, flat: list, written: list) -> GraphCall | None:
+        """The step through Dynamo; the graphs that ran, to be called directly while their
+        :meth:`GraphCall.accepts` the step's ``flat`` list (None: Dynamo runs every call)."""
         if self._dynamo is None:  # the compiler failed once: eager from then on
             scalars, update = self._eager
             update(*scalars(*scalar_args), *update_args)
-            return
+            return None
         self._ran.clear()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
         vectors = self._dynamo(scalar_args, update_args)
         ran, self._ran = self._ran, []
         if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
-            return  # eager, or more than one graph per function: Dynamo runs every call
-        holder.graph = _graph_call(ran, flat, written, vectors)
+            return None  # eager, or more than one graph per function: Dynamo runs every call
+        return _graph_call(ran, flat, written, vectors)
 
     def _through_dynamo(self, scalar_args: tuple, update_args: tuple) -> tuple | None:
         """The step through Dynamo; the scalar vectors (None where it fell back to eager)."""

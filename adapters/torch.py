@@ -146,6 +146,8 @@ class _Subset:
         self.graph: GraphCall | None = None  # the compiled path's graph for this layout
         self.count_tensor: torch.Tensor | None = None  # the compiled path's step count
         self.compute_dtypes: tuple[torch.dtype, ...] = ()  # the compiled path's, in params' order
+        self.hparams: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # (see _step_subset)
+        self.hparams_version: int | None = None  # the group version they were read at
         steps = [s["step"] for s in states if "step" in s]
         plain = len(steps) == len(states) and all(isinstance(t, torch.Tensor) for t in steps)
         # the step counters when they are torch.optim's float tensors (incremented in one call;
@@ -207,9 +209,14 @@ class _Plan:
         owned = () if self.compiled else (self.params, *self.buffers.values())
         return list(map(torch.Tensor.data_ptr, itertools.chain(*owned, *counters)))
 
-    def record_history(self) -> None:
-        """Remember the state's values, and the versions of the step counters and running
-        scalars, as this step left them."""
+    def record_history(self, group_version: int | None = None, dicts: bool = True) -> None:
+        """Remember the group's version tag, the state's values (``dicts=False``: a step that
+        changed no state dict), and the versions of the step counters and running scalars, as
+        this step left them."""
+        self.group_version = group_version
+        if not dicts:
+            self.versions = _versions(self.versioned)
+            return
         if _dict_version is not None:
             self.map_version = _dict_version(self.state_map)
             self.values = list(map(_dict_version, self.states))
@@ -407,8 +414,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def _hparams(
         self, group: dict[str, Any], rule: engine.Rule, like: torch.Tensor
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(constant, scheduled) hyperparameters as 0-d float64 tensors on ``like``'s device.
+    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(constant, scheduled) hyperparameters as 0-d float64 tensors on ``like``'s device, and
+        whether they are all this optimizer's (no tensor given in the group).
 
         The tensors are cached per group and refilled in place when a value changes, so CUDA
         sees no host copies. Scheduled entries only carry dtype and device: the core evaluates
@@ -428,7 +436,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 )
             else:
                 values[name] = _scalar_tensor(cache, name, value, dtype, like)
-        return values, scheduled
+        given = [group[name] for name in values]
+        own = not any(isinstance(v, torch.Tensor) for v in itertools.chain(*map(_entries, given)))
+        return values, scheduled, own
 
     # ---------------------------------------------------------------- the step
 
@@ -441,25 +451,27 @@ class TorchOptimizer(torch.optim.Optimizer):
                 loss = closure()
         inputs = self._step_inputs()
         for group in self.param_groups:
-            grads = list(map(_GRAD, group["params"]))
+            params: list[torch.Tensor] = group["params"]
+            grads = list(map(_GRAD, params))
             present = list(map(operator.is_not, grads, itertools.repeat(None)))
-            params = list(itertools.compress(group["params"], present))
+            if not all(present):
+                params = list(itertools.compress(params, present))
+                grads = list(itertools.compress(grads, present))
             if not params:
                 continue
-            if len(params) < len(grads):
-                grads = list(itertools.compress(grads, present))
-            if any(map(_IS_SPARSE, grads)):
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients; "
-                    "use torch.optim.SparseAdam or densify the gradient"
-                )
-            rule = self._optimizer_for(group).rule
+            if not self._compile:  # (the compiled step checks where its graph does not take them)
+                self._refuse_sparse(grads)
             plan = self._plans.get(id(group))
+            # a group as the plan last saw it (its dict's version tag) keeps its options: its rule
+            version = _dict_version(group) if _dict_version is not None else None
+            reuse = plan is not None and version is not None and plan.group_version == version
+            rule = plan.rule if reuse else self._optimizer_for(group).rule
             rebuilt = plan is None or not plan.matches(group, rule, params)
             if rebuilt:
                 plan = self._plan(group, rule, params)
             for subset in plan.subsets:
-                self._step_subset(group, rule, subset, inputs, grads if len(plan.subsets) == 1 else None)
+                subset_grads = grads if len(plan.subsets) == 1 else list(map(_GRAD, subset.params))
+                self._step_subset(group, version, rule, subset, inputs, subset_grads)
             if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
                 for s in plan.states:
                     s.pop("step", None)
@@ -467,8 +479,16 @@ class TorchOptimizer(torch.optim.Optimizer):
                     subset.steps, subset.counters = [], None
                 if plan.cacheable:
                     plan.pointers = plan._pointers()  # without the dropped counters
-            plan.record_history()
+            # (the compiled step leaves the state dicts as they were)
+            plan.record_history(version, dicts=rebuilt or not self._compile)
         return loss
+
+    def _refuse_sparse(self, grads: list[torch.Tensor]) -> None:
+        if any(map(_IS_SPARSE, grads)):
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients; "
+                "use torch.optim.SparseAdam or densify the gradient"
+            )
 
     def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
         """The rule's per-param step inputs this step (``hessian_diag``...): name -> id(param) ->
@@ -550,18 +570,21 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _step_subset(
         self,
         group: dict[str, Any],
+        version: int | None,
         rule: engine.Rule,
         subset: _Subset,
         inputs: dict[str, dict[int, torch.Tensor]],
-        grads: list[torch.Tensor] | None,
+        grads: list[torch.Tensor],
     ) -> None:
-        """One core step for params that share a step count. ``grads``: the params' gradients
-        (None: read them)."""
+        """One core step for params that share a step count. ``version``: the group dict's
+        version tag (None: unknown)."""
         params, states = subset.params, subset.states
         leaf_inputs = _subset_inputs(rule, params, inputs)
-        hparams, scheduled = self._hparams(group, rule, params[0])
-        if grads is None:
-            grads = list(map(_GRAD, params))
+        if version is not None and subset.hparams_version == version:
+            hparams, scheduled = subset.hparams  # the cached tensors still hold the group's values
+        else:
+            hparams, scheduled, cacheable = self._hparams(group, rule, params[0])
+            subset.hparams, subset.hparams_version = (hparams, scheduled), version if cacheable else None
         # torch.optim's per-param step counters are incremented by the compiled step too, through
         # their shared base (not torch.optim.SGD's, which are dropped after the first step: see
         # _keeps_step)
@@ -659,7 +682,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             *itertools.chain(*leaf_inputs.values()),
             *written,
         ]
-        self._compiled_step(rule)(subset, scalar_args, update_args, flat, written)
+        if subset.graph is not None and subset.graph.accepts(flat):
+            subset.graph(flat)
+            return
+        self._refuse_sparse(grads)
+        subset.graph = self._compiled_step(rule).run(scalar_args, update_args, flat, written)
 
     def _compiled_step(self, rule: engine.Rule) -> CompiledStep:
         """A step of ``rule`` as two functions for ``torch.compile``: the float64 scalar
@@ -765,13 +792,8 @@ def _flat_value(value: Any) -> list[Any]:
     return [leaf for v in value for leaf in _flat_value(v)] if isinstance(value, tuple) else [value]
 
 
-def _shape(mapping: dict[str, Any]) -> tuple:
-    """The keys of ``mapping`` and the nesting of its tuple values (what :func:`_leaves` drops)."""
-
-    def nesting(value: Any) -> Any:
-        return tuple(map(nesting, value)) if isinstance(value, tuple) else None
-
-    return tuple((k, nesting(v)) for k, v in mapping.items())
+def _entries(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _scalar_layout(values: dict[str, Any]) -> dict[str, Any]:
