@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
     TensorGuards = None
 
 Graph = Callable[..., Any]
+_LRU_CACHE_NOTICE = "Dynamo detected a call to a `functools.lru_cache`-wrapped function"
 
 
 class GraphCall:
@@ -150,7 +152,11 @@ class CompiledStep:
             return None
         self._ran.clear()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        vectors = self._dynamo(scalar_args, update_args)
+        with warnings.catch_warnings():
+            # array_api_compat caches its type checks (``_issubclass_fast``: pure functions of a
+            # class) with lru_cache, which Dynamo traces through and says so once per function
+            warnings.filterwarnings("ignore", message=_LRU_CACHE_NOTICE, category=UserWarning)
+            vectors = self._dynamo(scalar_args, update_args)
         ran, self._ran = self._ran, []
         if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
             return None  # eager, or more than one graph per function: Dynamo runs every call

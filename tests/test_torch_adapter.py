@@ -586,9 +586,9 @@ def dynamo_calls(opt: ours.TorchOptimizer) -> list[int]:
     for compiled in opt._compiled.values():
         through_dynamo, count = compiled._dynamo, [0]
 
-        def counting(*args: Any, through_dynamo: Callable = through_dynamo, count: list = count) -> None:
+        def counting(*args: Any, through_dynamo: Callable = through_dynamo, count: list = count) -> Any:
             count[0] += 1
-            through_dynamo(*args)
+            return through_dynamo(*args)
 
         compiled._dynamo = counting
         counts.append(count)
