@@ -660,6 +660,60 @@ def test_compiled_step_follows_params_and_grads_rebound_in_place() -> None:
 
 
 @pytest.mark.slow
+def test_compiled_step_follows_state_rebound_through_data() -> None:
+    """The graphs read each tensor's memory when they run and check every input's layout: a
+    param rebound to new memory of the same layout stays on the direct call and is followed,
+    and a state buffer rebound to its own transpose (the same memory, other strides: a layout
+    the graph was not compiled for) goes back through Dynamo; both as in torch.optim."""
+    runs = {}
+    for module, kwargs in ((ours, {"compile": True}), (ours, {}), (torch.optim, {})):
+        generator = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(3, 3, dtype=torch.float64, generator=generator).requires_grad_() for _ in range(2)
+        ]
+        opt = module.Adam(params, lr=0.1, **kwargs)
+        counts = None
+        for step in range(6):
+            if step == 2:
+                params[1].data = params[1].data.clone()  # other memory, the same layout
+            if step == 4:
+                state = opt.state[params[0]]
+                state["exp_avg"].data = state["exp_avg"].data.t()  # the same memory, transposed
+            for i, p in enumerate(params):
+                p.grad = torch.arange(9.0, dtype=torch.float64).reshape(3, 3) * (i + 1) - step
+            opt.step()
+            if kwargs and counts is None:
+                counts = dynamo_calls(opt)
+        runs[(module.__name__, bool(kwargs))] = [p.detach().clone() for p in params]
+        if kwargs:
+            assert counts == [[1]]  # step 4 only (the transposed buffer)
+    reference = flat(runs[(torch.optim.__name__, False)])
+    for key in ((ours.__name__, True), (ours.__name__, False)):
+        assert relative_error(flat(runs[key]), reference) <= 1e-12, key
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_tensor_hyperparameters_are_read_every_step(compiled: bool) -> None:
+    """A step reuses a group's hyperparameter tensors while the group dict is unchanged, but
+    not a tensor the user gave (an lr tensor edited in place changes no dict): a run with an
+    lr tensor filled between steps matches one whose group gets the same floats."""
+    data = make_data(torch.float64)
+    runs = []
+    for lr in (torch.tensor(1e-2, dtype=torch.float64), 1e-2):
+        model = make_mlp(torch.float64)
+        opt = ours.AdamW(model.parameters(), lr=lr, compile=compiled)
+        for step in range(5):
+            backward(model, data)
+            opt.step()
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(1e-2 / (step + 2))
+            else:
+                opt.param_groups[0]["lr"] = 1e-2 / (step + 2)
+        runs.append(model)
+    assert error(runs[0], runs[1]) == 0.0
+
+
+@pytest.mark.slow
 def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
     """Dynamo keeps a bounded number of graphs per code object and silently runs the rest
     eagerly: compiled optimizers over differently shaped params in one process (a sweep, a
@@ -901,19 +955,22 @@ def _intervene(step: int, model: nn.Sequential, opt: torch.optim.Optimizer) -> N
         opt.state[bias]["step"].data.fill_(2.0)  # through ``.data``: no version counter bump
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["AdamW", "NAdam"])
-def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch, name: str) -> None:
-    """The eager path keeps each group's step layout (chunk views, leaf groups, step counts) from
-    step to step; every edit above must still reach the step, exactly as in torch.optim (NAdam
-    also keeps a running scalar per param)."""
+def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch, name: str, compiled) -> None:
+    """Both paths keep each group's step layout (the eager path's chunk views and leaf groups,
+    step counts; the compiled path's graphs, called directly) from step to step; every edit
+    above must still reach the step, exactly as in torch.optim (NAdam also keeps a running
+    scalar per param)."""
     monkeypatch.setattr(ours, "CHUNK_ELEMENTS", 16)  # cut the 64-element weights into chunks
     monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 40)
     data = make_data(torch.float64)
     base = make_mlp(torch.float64)
     runs = []
-    for module in (ours, torch.optim):
+    for module, kwargs in ((ours, {"compile": compiled}), (torch.optim, {})):
         model = copy.deepcopy(base)
-        runs.append((model, getattr(module, name)(model.parameters(), lr=1e-2, weight_decay=1e-2)))
+        opt = getattr(module, name)(model.parameters(), lr=1e-2, weight_decay=1e-2, **kwargs)
+        runs.append((model, opt))
     for step in range(30):
         for model, opt in runs:
             backward(model, data)
@@ -935,16 +992,18 @@ COUNTER_EDITS = {
 }
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("edit", sorted(COUNTER_EDITS))
-def test_step_counter_edits_reach_the_step_like_torch(torch64, edit: str) -> None:
+def test_step_counter_edits_reach_the_step_like_torch(torch64, edit: str, compiled: bool) -> None:
     """A group's step counters are elements of one tensor, incremented and checked in one call
-    each; an edit of one of them (the first made in the run) must still reach the step."""
+    each (inside the graph on the compiled path); an edit of one of them (the first made in the
+    run) must still reach the step."""
     data = make_data(torch.float64)
     base = make_mlp(torch.float64)
     runs = []
-    for module in (ours, torch.optim):
+    for module, kwargs in ((ours, {"compile": compiled}), (torch.optim, {})):
         model = copy.deepcopy(base)
-        runs.append((model, module.Adam(model.parameters(), lr=1e-2)))
+        runs.append((model, module.Adam(model.parameters(), lr=1e-2, **kwargs)))
     for step in range(8):
         for model, opt in runs:
             backward(model, data)
