@@ -695,20 +695,21 @@ def test_compiled_step_follows_state_rebound_through_data() -> None:
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_tensor_hyperparameters_are_read_every_step(compiled: bool) -> None:
     """A step reuses a group's hyperparameter tensors while the group dict is unchanged, but
-    not a tensor the user gave (an lr tensor edited in place changes no dict): a run with an
-    lr tensor filled between steps matches one whose group gets the same floats."""
+    not one made from a tensor the user gave (a float32 lr tensor edited in place changes no
+    dict, and its float64 copy would go stale): a run with an lr tensor filled between steps
+    matches one whose group gets the same numbers (powers of two: exact in float32)."""
     data = make_data(torch.float64)
     runs = []
-    for lr in (torch.tensor(1e-2, dtype=torch.float64), 1e-2):
+    for lr in (torch.tensor(2.0**-7, dtype=torch.float32), 2.0**-7):
         model = make_mlp(torch.float64)
         opt = ours.AdamW(model.parameters(), lr=lr, compile=compiled)
         for step in range(5):
             backward(model, data)
             opt.step()
             if isinstance(lr, torch.Tensor):
-                lr.fill_(1e-2 / (step + 2))
+                lr.fill_(2.0 ** -(step + 8))
             else:
-                opt.param_groups[0]["lr"] = 1e-2 / (step + 2)
+                opt.param_groups[0]["lr"] = 2.0 ** -(step + 8)
         runs.append(model)
     assert error(runs[0], runs[1]) == 0.0
 
