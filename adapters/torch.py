@@ -20,12 +20,14 @@ Two execution paths run the same rule:
   lazily, so products become multiply-adds and results are computed straight into the state
   and the params) -- no compilation, no host syncs, instant start. The layout of a group's step
   (chunk views, leaf groups, step counts) is kept while nothing it was built from changes;
-* ``compile=True``: the whole step over all parameters is compiled by ``torch.compile``
-  (Inductor fuses it into a few loops writing params and state in place). Hyperparameters are
-  tensors, so changing lr never recompiles. The first step pays the compilation (~10-20 s on
-  CPU), so it is opt-in: worth it for long runs. From a layout's second step on, the graph is
-  called directly, without Dynamo's per-call guards over every tensor: the step's plan checks
-  what they would (see ``_torch_compiled``).
+* ``compile=True``: the whole step over all parameters is compiled by ``torch.compile`` as two
+  graphs: the float64 scalar arithmetic (bias corrections, schedules, running scalars, step
+  counters), then the update, which Inductor fuses into a few loops writing params and state
+  in place. Hyperparameters are tensors, so changing lr never recompiles. The first step pays
+  the compilation (~20 s to minutes on CPU), so it is opt-in: worth it for long runs. From a
+  layout's second step on, the graphs are called directly, without Dynamo's Python guards over
+  every tensor: one C++ check of the graphs' inputs stands in for them (see
+  ``_torch_compiled``).
 
 Mixed precision: pass ``state_dtype=`` and ``compensation=`` (see
 :func:`agnostic_optim.mixed_precision`). LARS/LAMB's ``mask=`` applies per param of a group,
@@ -213,7 +215,9 @@ class _Plan:
         """Remember the group's version tag, the state's values (``dicts=False``: a step that
         changed no state dict), and the versions of the step counters and running scalars, as
         this step left them."""
-        self.group_version = group_version
+        # (a list in the group, a mask or betas, can change its options with no dict change)
+        mutable = any(isinstance(v, (list, dict, set)) for k, v in self.group.items() if k != "params")
+        self.group_version = None if mutable else group_version
         if not dicts:
             self.versions = _versions(self.versioned)
             return
@@ -436,8 +440,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                 )
             else:
                 values[name] = _scalar_tensor(cache, name, value, dtype, like)
-        given = [group[name] for name in values]
-        own = not any(isinstance(v, torch.Tensor) for v in itertools.chain(*map(_entries, given)))
+        # numbers (and tuples of them) only: a tensor or a list can change with no dict change
+        own = all(
+            _is_number(v) or (isinstance(v, tuple) and all(map(_is_number, v)))
+            for v in map(group.get, values)
+        )
         return values, scheduled, own
 
     # ---------------------------------------------------------------- the step
@@ -792,8 +799,8 @@ def _flat_value(value: Any) -> list[Any]:
     return [leaf for v in value for leaf in _flat_value(v)] if isinstance(value, tuple) else [value]
 
 
-def _entries(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float))
 
 
 def _scalar_layout(values: dict[str, Any]) -> dict[str, Any]:
