@@ -241,10 +241,12 @@ class _Plan:
         if not all(map(operator.is_, params, self.params)):
             return False
         if _dict_version is not None:  # the same dicts, changed by no one (a tag per dict)
-            if _dict_version(self.state_map) != self.map_version:
+            version = _dict_version(self.state_map)
+            if version != self.map_version:  # (another group's params may have been added)
                 states = [self.state_map.get(p) for p in params]
                 if not all(map(operator.is_, states, self.states)):
                     return False
+                self.map_version = version
             if list(map(_dict_version, self.states)) != self.values:
                 return False
         else:
