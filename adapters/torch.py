@@ -715,8 +715,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                 counters: list,
                 dtypes: tuple,
             ) -> tuple[tuple[torch.Tensor, ...], dict]:
-                dtype, device = hparams_dtype(hparams), params[0].device
-                before = {k: views[0][0].to(device=device, dtype=dtype) for k, views in running.items()}
+                scalar_dtype, device = hparams_dtype(hparams), params[0].device
+                before = {
+                    k: views[0][0].to(device=device, dtype=scalar_dtype) for k, views in running.items()
+                }
                 core_state = engine.OptimizerState(count, hparams, scheduled, {}, before)
                 prepared = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
                 for name, views in running.items():
