@@ -126,7 +126,7 @@ class CompiledStep:
         self._eager = (_own_code(scalars, owner), _own_code(update, owner))
         self._compiled = tuple(torch.compile(f, backend=self._compile, dynamic=False) for f in self._eager)
         self._on_fallback = on_fallback
-        self._dynamo: Callable[[tuple, tuple], None] | None = self._through_dynamo
+        self._dynamo: Callable[[tuple, tuple], tuple | None] | None = self._through_dynamo
         self._ran: list[tuple[Graph, list[int], Any]] = []  # graphs run by Dynamo on this call
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Graph:
@@ -224,10 +224,12 @@ def _own_code(function: Callable, owner: Any) -> Callable:
 
 
 def _metadata(values: Sequence[Any]) -> list[Any]:
-    """What a compiled graph specializes on: a tensor's dtype, shape, strides and device; a
-    Python value's type and value."""
+    """What a compiled graph specializes on: a tensor's dtype, shape, layout, strides and
+    device; a Python value's type and value."""
     return [
-        (v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor) else (type(v), v)
+        (v.dtype, v.shape, v.layout, v.stride() if v.layout == torch.strided else None, v.device)
+        if isinstance(v, torch.Tensor)
+        else (type(v), v)
         for v in values
     ]
 

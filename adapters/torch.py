@@ -170,11 +170,12 @@ class _Plan:
     scalars) in the same order (read from the dicts' version tags, which every change of a dict
     moves, where this Python has them); the version counters of the step counters and running
     scalars show that only this optimizer changed them, and (one batched host read per subset)
-    the step counters still hold the count the plan keeps. The step counters keep their data
-    pointers (they are incremented through their shared base). On the eager path, so do the
-    params and buffers (``x.data = ...`` would leave the chunk views on the old storage) and
-    chunked ones their strides; the compiled graph reads each tensor's memory as it runs and
-    checks their layouts itself (see ``_torch_compiled``).
+    the step counters still hold the count the plan keeps. The step counters and the params
+    keep their data pointers (the counters are incremented through their shared base; a param
+    rebound through ``.data``, as ``model.float()`` does, may need other buffers and dtypes). On
+    the eager path, so do the buffers (``x.data = ...`` would leave the chunk views on the old
+    storage), and chunked tensors their strides; the compiled graphs read each tensor's memory
+    as they run and check every input's layout themselves (see ``_torch_compiled``).
     """
 
     def __init__(
@@ -208,24 +209,24 @@ class _Plan:
     def _pointers(self) -> list[int]:
         # counters read and incremented through their shared base must still be its elements
         counters = [subset.steps for subset in self.subsets if subset.counters is not None]
-        owned = () if self.compiled else (self.params, *self.buffers.values())
+        # the params' pointers move when ``.data`` rebinds them (``model.float()``: the plan's
+        # dtypes and buffers must follow); on the eager path the buffers' too (the chunk views)
+        owned = (self.params,) if self.compiled else (self.params, *self.buffers.values())
         return list(map(torch.Tensor.data_ptr, itertools.chain(*owned, *counters)))
 
     def record_history(self, group_version: int | None = None, dicts: bool = True) -> None:
         """Remember the group's version tag, the state's values (``dicts=False``: a step that
         changed no state dict), and the versions of the step counters and running scalars, as
         this step left them."""
-        # (a list in the group, a mask or betas, can change its options with no dict change)
-        mutable = any(isinstance(v, (list, dict, set)) for k, v in self.group.items() if k != "params")
-        self.group_version = None if mutable else group_version
+        self.group_version = group_version
         if not dicts:
             self.versions = _versions(self.versioned)
             return
         if _dict_version is not None:
             self.map_version = _dict_version(self.state_map)
-            self.values = list(map(_dict_version, self.states))
+            self.marks = list(map(_dict_version, self.states))
         else:
-            self.values = [v for s in self.states for v in s.values()]
+            self.marks = [v for s in self.states for v in s.values()]
         versioned: list[Any] = []
         for subset in self.subsets:
             if subset.counters is not None:  # its elements share its version counter: one read
@@ -235,8 +236,12 @@ class _Plan:
         versioned += [s.get(key) for key in self.rule.scalars for s in self.states]
         self.versioned, self.versions = versioned, _versions(versioned)
 
-    def matches(self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor]) -> bool:
+    def matches(
+        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], state_map: dict
+    ) -> bool:
         if self.group is not group or self.rule is not rule or len(params) != len(self.params):
+            return False
+        if state_map is not self.state_map:  # ``opt.state = defaultdict(dict)``: a reset
             return False
         if not all(map(operator.is_, params, self.params)):
             return False
@@ -247,14 +252,14 @@ class _Plan:
                 if not all(map(operator.is_, states, self.states)):
                     return False
                 self.map_version = version
-            if list(map(_dict_version, self.states)) != self.values:
+            if list(map(_dict_version, self.states)) != self.marks:
                 return False
         else:
             states = [self.state_map.get(p) for p in params]
             if not all(map(operator.is_, states, self.states)):
                 return False
             values = [v for s in states for v in s.values()]
-            if len(values) != len(self.values) or not all(map(operator.is_, values, self.values)):
+            if len(values) != len(self.marks) or not all(map(operator.is_, values, self.marks)):
                 return False
         if self._pointers() != self.pointers or [t.stride() for t in self.chunked] != self.strides:
             return False
@@ -475,8 +480,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             version = _dict_version(group) if _dict_version is not None else None
             reuse = plan is not None and version is not None and plan.group_version == version
             rule = plan.rule if reuse else self._optimizer_for(group).rule
-            rebuilt = plan is None or not plan.matches(group, rule, params)
+            rebuilt = plan is None or not plan.matches(group, rule, params, self.state)
             if rebuilt:
+                if self._compile:  # (before the new plan creates any state)
+                    self._refuse_sparse(grads)
                 plan = self._plan(group, rule, params)
             for subset in plan.subsets:
                 subset_grads = grads if len(plan.subsets) == 1 else list(map(_GRAD, subset.params))
@@ -489,7 +496,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if plan.cacheable:
                     plan.pointers = plan._pointers()  # without the dropped counters
             # (the compiled step leaves the state dicts as they were)
-            plan.record_history(version, dicts=rebuilt or not self._compile)
+            # (a list among the options, a mask or betas, can change in place with no dict change)
+            fixed = not any(
+                isinstance(group.get(name), (list, dict, set)) for name, _ in self._factory_options
+            )
+            plan.record_history(version if fixed else None, dicts=rebuilt or not self._compile)
         return loss
 
     def _refuse_sparse(self, grads: list[torch.Tensor]) -> None:
@@ -715,7 +726,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 counters: list,
                 dtypes: tuple,
             ) -> tuple[tuple[torch.Tensor, ...], dict]:
-                scalar_dtype, device = hparams_dtype(hparams), params[0].device
+                scalar_dtype, device = _backend.scalar_dtype(XP, params[0]), params[0].device
                 before = {
                     k: views[0][0].to(device=device, dtype=scalar_dtype) for k, views in running.items()
                 }

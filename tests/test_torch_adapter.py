@@ -18,6 +18,7 @@ Every tensor here is tiny, so torch runs single-threaded (OpenMP threads only ad
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import io
@@ -661,10 +662,10 @@ def test_compiled_step_follows_params_and_grads_rebound_in_place() -> None:
 
 @pytest.mark.slow
 def test_compiled_step_follows_state_rebound_through_data() -> None:
-    """The graphs read each tensor's memory when they run and check every input's layout: a
-    param rebound to new memory of the same layout stays on the direct call and is followed,
-    and a state buffer rebound to its own transpose (the same memory, other strides: a layout
-    the graph was not compiled for) goes back through Dynamo; both as in torch.optim."""
+    """A param rebound to new memory (its plan is rebuilt: Dynamo finds the graphs it has) and
+    a state buffer rebound to its own transpose (the same memory and dict, other strides: a
+    layout the graphs were not compiled for, caught by their input check) both go back
+    through Dynamo once, and the steps follow them as torch.optim does."""
     runs = {}
     for module, kwargs in ((ours, {"compile": True}), (ours, {}), (torch.optim, {})):
         generator = torch.Generator().manual_seed(0)
@@ -686,10 +687,47 @@ def test_compiled_step_follows_state_rebound_through_data() -> None:
                 counts = dynamo_calls(opt)
         runs[(module.__name__, bool(kwargs))] = [p.detach().clone() for p in params]
         if kwargs:
-            assert counts == [[1]]  # step 4 only (the transposed buffer)
+            assert counts == [[2]]  # steps 2 and 4
     reference = flat(runs[(torch.optim.__name__, False)])
     for key in ((ours.__name__, True), (ours.__name__, False)):
         assert relative_error(flat(runs[key]), reference) <= 1e-12, key
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_state_reset_model_cast_and_schedule_only_groups_step_like_eager(torch64, compiled: bool) -> None:
+    """What the plan must not hide: ``opt.state`` replaced by a fresh mapping (a reset: torch
+    starts every param afresh), the model cast to float32 (``.data`` rebinds every param: the
+    buffers follow), and a group whose only hyperparameter is a schedule."""
+    data = make_data(torch.float64)
+    runs = []
+    for module, kwargs in ((ours, {"compile": compiled}), (torch.optim, {})):
+        model = make_mlp(torch.float64)
+        opt = module.Adam(model.parameters(), lr=1e-2, **kwargs)
+        for step in range(6):
+            if step == 2:
+                opt.state = collections.defaultdict(dict)
+            backward(model, data)
+            opt.step()
+        runs.append((model, opt))
+    assert error(runs[0][0], runs[1][0]) <= TOL["float64"]
+    assert [float(s["step"]) for s in runs[0][1].state.values()] == [4.0] * 4
+
+    model = make_mlp(torch.float64)
+    opt = ours.Adam(model.parameters(), lr=1e-2, compile=compiled)
+    for step in range(5):
+        if step == 2:
+            model.float()
+        backward(model, make_data(torch.float32 if step >= 2 else torch.float64))
+        opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+    schedule = ao.schedules.linear(0.1, 0.01, 4)
+    finals = []
+    for on in (compiled, False):
+        model = make_mlp(torch.float64)
+        train(ours.SGD(model.parameters(), lr=schedule, compile=on), model, data, 4)
+        finals.append(model)
+    assert error(finals[0], finals[1]) <= TOL["float64"]
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
