@@ -215,9 +215,9 @@ class _Plan:
         return list(map(torch.Tensor.data_ptr, itertools.chain(*owned, *counters)))
 
     def record_history(self, group_version: int | None = None, dicts: bool = True) -> None:
-        """Remember the group's version tag, the state's values (``dicts=False``: a step that
-        changed no state dict), and the versions of the step counters and running scalars, as
-        this step left them."""
+        """Remember the group's version tag, the state dicts' version tags (their values where
+        this Python has none; ``dicts=False``: a step that changed no state dict), and the
+        versions of the step counters and running scalars, as this step left them."""
         self.group_version = group_version
         if not dicts:
             self.versions = _versions(self.versioned)
@@ -635,9 +635,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         params, states, layout = subset.params, subset.states, subset.layout
         first = params[0]
         count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
-        running = {
-            k: states[0][k].to(device=first.device, dtype=hparams_dtype(hparams)) for k in rule.scalars
-        }
+        dtype = _backend.scalar_dtype(XP, first)  # (the hyperparameters' dtype, as _hparams makes them)
+        running = {k: states[0][k].to(device=first.device, dtype=dtype) for k in rule.scalars}
         core_state = engine.OptimizerState(count, hparams, scheduled, subset.buffers, running)
         step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
         engine.update_leaves(
@@ -859,11 +858,6 @@ def _outside_frames() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def hparams_dtype(hparams: dict[str, Any]) -> torch.dtype:
-    first = next(iter(hparams.values()))
-    return (first[0] if isinstance(first, tuple) else first).dtype
 
 
 def _placeholder(spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
