@@ -16,14 +16,18 @@ before) and records which graphs ran on which of the step's tensors; the followi
 the tensors straight to those graphs, after one C++ pass over the graphs' inputs (Dynamo's own
 ``TensorGuards``: dispatch keys, dtype, device, sizes, strides and ``requires_grad`` of each,
 as recorded), a check of whatever else the step passed (Python values by value, tensors the
-graphs only read metadata from) and of which inputs are one tensor. Anything else goes back
-through Dynamo. A graph reads each tensor's memory when it runs, so a tensor rebound through
+graphs only read metadata from), of which inputs are one tensor and of the global state
+Dynamo guards on (``GlobalStateGuard``). Anything else goes back through Dynamo. Where the
+first call showed that AOT autograd's wrappers around Inductor's code only pass the inputs
+through and bump version counters, the direct calls skip them and bump the same counters.
+A graph reads each tensor's memory when it runs, so a tensor rebound through
 ``.data`` to other memory of the same layout is followed. Not followed, as under
 ``torch.compile`` itself: a rebinding that makes two tensors of the step share memory.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 import types
 import warnings
@@ -34,10 +38,10 @@ from typing import Any
 import torch
 from torch._inductor.compile_fx import compile_fx
 
-try:  # Dynamo's C++ tensor checks (a private API: a Python comparison stands in where it is missing)
-    from torch._C._dynamo.guards import TensorGuards
+try:  # Dynamo's C++ checks (a private API: Python comparisons stand in where it is missing)
+    from torch._C._dynamo.guards import GlobalStateGuard, TensorGuards
 except ImportError:  # pragma: no cover - depends on the torch build
-    TensorGuards = None
+    GlobalStateGuard = TensorGuards = None
 
 Graph = Callable[..., Any]
 _LRU_CACHE_NOTICE = "Dynamo detected a call to a `functools.lru_cache`-wrapped function"
@@ -45,7 +49,8 @@ _LRU_CACHE_NOTICE = "Dynamo detected a call to a `functools.lru_cache`-wrapped f
 
 class GraphCall:
     """A layout's two compiled graphs, called with their inputs picked from the step's flat
-    list (the update graph's also from the vectors the scalar graph returns).
+    list (the update graph's also from the vectors the scalar graph returns), while the global
+    state Dynamo guards on (grad mode, autocast, threads...) is the one they ran under.
 
     ``index_scalars``/``index_update``: the position of each graph input in ``flat`` (positions
     past its end: the returned vectors). Dynamo gives a tensor passed twice one graph input:
@@ -69,10 +74,12 @@ class GraphCall:
         self.check_inputs = _input_check(self.pick_inputs(flat))
         self.pick_rest = _picker(sorted(set(range(len(flat))) - taken))
         self.rest = _metadata(self.pick_rest(flat))
+        self.same_state = _state_check()
 
     def accepts(self, flat: list) -> bool:
         return (
-            self.check_inputs(self.pick_inputs(flat))
+            self.same_state()
+            and self.check_inputs(self.pick_inputs(flat))
             and _metadata(self.pick_rest(flat)) == self.rest
             and all(flat[i] is flat[j] for i, j in self.aliases)
         )
@@ -89,6 +96,28 @@ def _picker(index: Sequence[int]) -> Callable[[list], tuple]:
     if index:
         return lambda flat: (flat[index[0]],)
     return lambda flat: ()
+
+
+def _state_check() -> Callable[[], bool]:
+    """A check that the global state Dynamo guards on is still the present one."""
+    if GlobalStateGuard is not None:
+        return GlobalStateGuard().check
+    state = _global_state()
+    return lambda: _global_state() == state
+
+
+def _autocast_enabled() -> bool:
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
+def _global_state() -> tuple:
+    return (
+        torch.is_grad_enabled(),
+        _autocast_enabled(),
+        torch.get_num_threads(),
+        torch.get_default_dtype(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
 
 
 def _input_check(inputs: tuple) -> Callable[[tuple], bool]:
@@ -130,15 +159,16 @@ class CompiledStep:
         self._ran: list[tuple[Graph, list[int], Any]] = []  # graphs run by Dynamo on this call
 
     def _compile(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Graph:
-        """Dynamo's backend: Inductor, and a record of each call Dynamo makes to the graph.
+        """Dynamo's backend: Inductor, and a record of each call Dynamo makes to the graph (with
+        what to call in its place, :func:`_observed_call`).
 
         Inductor's per-call size asserts are off: Dynamo's guards check every input's sizes and
         strides on the first call of a layout, and :class:`GraphCall` on the others."""
         graph = compile_fx(graph_module, example_inputs, config_patches={"size_asserts": False})
 
         def recorded(*args: Any) -> Any:
-            outputs = graph(*args)
-            self._ran.append((graph, [id(a) for a in args], outputs))
+            direct, outputs = _observed_call(graph, args)
+            self._ran.append((direct, [id(a) for a in args], outputs))
             return outputs
 
         return recorded
@@ -211,6 +241,61 @@ def _graph_call(
     if None in index_scalars or None in index_update or any(i >= len(flat) for i in index_scalars):
         return None
     return GraphCall(scalar_graph, index_scalars, update_graph, index_update, aliases, flat)
+
+
+def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
+    """``graph(*args)``, and what to call in its place from then on: Inductor's compiled code
+    itself, without the wrappers AOT autograd puts around it (~10 us per call, 0.1 ms with
+    thousands of inputs), where this call showed that they handed it ``args`` as they were,
+    returned its outputs, and only incremented the version counters of some inputs (as an
+    in-place op does: the direct call increments them too); else ``graph``.
+
+    Only with grad mode and autocast off, where the wrappers do nothing else (:class:`GraphCall`
+    checks that the state is unchanged), and not while the profiler runs, which labels graph
+    calls through the wrappers."""
+    inner = inspect.unwrap(graph)  # (Inductor's CompiledFxGraph, at the end of the wrappers)
+    code = getattr(inner, "current_callable", None)
+    if code is None or torch.is_grad_enabled() or _autocast_enabled():
+        return graph, graph(*args)
+    before = _versions(args)
+    seen: list[Any] = []
+
+    def watched(inputs: list) -> Any:
+        seen.extend((list(inputs), _versions(inputs)))
+        outputs = code(inputs)
+        seen.extend((outputs, _versions(args)))
+        return outputs
+
+    inner.current_callable = watched
+    try:
+        outputs = graph(*args)
+    finally:
+        inner.current_callable = code
+    if len(seen) != 4 or len(seen[0]) != len(args) or not all(map(operator.is_, seen[0], args)):
+        return graph, outputs
+    if len(seen[2]) != len(outputs) or not all(map(operator.is_, seen[2], outputs)):
+        return graph, outputs
+    # the wrappers' increments: before the code ran, and after it
+    after = _versions(args)
+    bumped = [
+        i
+        for i, (v0, v1, v2, v3) in enumerate(zip(before, seen[1], seen[3], after))
+        if v0 is not None and (v1 - v0) + (v3 - v2) > 0
+    ]
+    pick_bumped, increment = _picker(bumped), torch._C._increment_version
+
+    def direct(*args: Any) -> Any:
+        if torch.autograd.profiler._is_profiler_enabled:
+            return graph(*args)
+        increment(pick_bumped(args))
+        return code(list(args))
+
+    # as Dynamo calls its graphs: not traced, should a compiled frame reach the call
+    return torch._dynamo.disable(direct), outputs
+
+
+def _versions(values: Sequence[Any]) -> list[int | None]:
+    return [v._version if isinstance(v, torch.Tensor) else None for v in values]
 
 
 def _own_code(function: Callable, owner: Any) -> Callable:

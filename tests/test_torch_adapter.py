@@ -693,6 +693,43 @@ def test_compiled_step_follows_state_rebound_through_data() -> None:
         assert relative_error(flat(runs[key]), reference) <= 1e-12, key
 
 
+def test_compiled_step_marks_what_it_writes_and_follows_the_global_state() -> None:
+    """The graphs called straight (past AOT autograd's wrappers) increment the version counters
+    of the params and buffers they write, as torch.optim's default step does (its fused kernels
+    do not), so autograd still refuses a backward through a param the step changed; a change of
+    the global state Dynamo guards on (the thread count) goes back through Dynamo, and the
+    numbers stay torch.optim's."""
+    runs = {}
+    for module, kwargs in ((ours, {"compile": True}), (torch.optim, {})):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(5, dtype=torch.float64, generator=generator).requires_grad_() for _ in range(2)]
+        opt = module.SGD(params, lr=0.1, momentum=0.9, **kwargs)
+        threads, counts, bumps = torch.get_num_threads(), None, []
+        try:
+            for step in range(6):
+                for i, p in enumerate(params):
+                    p.grad = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64) * (i + 1) - step
+                if step == 4:
+                    torch.set_num_threads(threads + 1)
+                tensors = [*params, *(opt.state[p]["momentum_buffer"] for p in params if opt.state[p])]
+                versions = [t._version for t in tensors]
+                opt.step()
+                bumps += [t._version - v for t, v in zip(tensors, versions)]
+                if kwargs and counts is None:
+                    counts = dynamo_calls(opt)
+        finally:
+            torch.set_num_threads(threads)
+        saved = (params[0] * params[0]).sum()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+        assert min(bumps) >= 1, module.__name__
+        runs[module.__name__] = [p.detach().clone() for p in params]
+        if kwargs:
+            assert counts == [[2]]  # step 4, at another thread count, and the last, back at the first
+    assert relative_error(flat(runs[ours.__name__]), flat(runs[torch.optim.__name__])) <= 1e-12
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_state_reset_model_cast_and_schedule_only_groups_step_like_eager(torch64, compiled: bool) -> None:
     """What the plan must not hide: ``opt.state`` replaced by a fresh mapping (a reset: torch
