@@ -247,23 +247,25 @@ def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
     """``graph(*args)``, and what to call in its place from then on: Inductor's compiled code
     itself, without the wrappers AOT autograd puts around it (~10 us per call, 0.1 ms with
     thousands of inputs), where this call showed that they handed it ``args`` as they were,
-    returned its outputs, and only incremented the version counters of some inputs (as an
-    in-place op does: the direct call increments them too); else ``graph``.
+    returned its outputs, and only incremented the version counters of the inputs the code
+    writes (as an in-place op does: the direct call increments them too); else ``graph``.
 
     Only with grad mode and autocast off, where the wrappers do nothing else (:class:`GraphCall`
     checks that the state is unchanged), and not while the profiler runs, which labels graph
     calls through the wrappers."""
     inner = inspect.unwrap(graph)  # (Inductor's CompiledFxGraph, at the end of the wrappers)
-    code = getattr(inner, "current_callable", None)
-    if code is None or torch.is_grad_enabled() or _autocast_enabled():
+    code, mutated = getattr(inner, "current_callable", None), getattr(inner, "mutated_input_idxs", None)
+    if code is None or mutated is None or torch.is_grad_enabled() or _autocast_enabled():
         return graph, graph(*args)
-    before = _versions(args)
+    written, before = sorted(mutated), versions(args)
+    if any(i >= len(args) or before[i] is None for i in written):  # (None: an inference tensor)
+        return graph, graph(*args)
     seen: list[Any] = []
 
     def watched(inputs: list) -> Any:
-        seen.extend((list(inputs), _versions(inputs)))
+        seen.extend((list(inputs), versions(inputs)))
         outputs = code(inputs)
-        seen.extend((outputs, _versions(args)))
+        seen.extend((outputs, versions(args)))
         return outputs
 
     inner.current_callable = watched
@@ -275,27 +277,33 @@ def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
         return graph, outputs
     if len(seen[2]) != len(outputs) or not all(map(operator.is_, seen[2], outputs)):
         return graph, outputs
-    # the wrappers' increments: before the code ran, and after it
-    after = _versions(args)
-    bumped = [
-        i
-        for i, (v0, v1, v2, v3) in enumerate(zip(before, seen[1], seen[3], after))
-        if v0 is not None and (v1 - v0) + (v3 - v2) > 0
+    # each written input's counter moved by the wrappers (before the code ran, or after it), and
+    # no other input's but one sharing a written input's memory (a view, ``p.grad = p.detach()``)
+    after, ran_with, ran_to = versions(args), seen[1], seen[3]
+    moved = [
+        i for i, v in enumerate(before) if v is not None and (ran_with[i] - v) + (after[i] - ran_to[i]) > 0
     ]
-    pick_bumped, increment = _picker(bumped), torch._C._increment_version
+    shared = {args[i].untyped_storage().data_ptr() for i in written}
+    if not set(written) <= set(moved) or any(
+        i not in mutated and args[i].untyped_storage().data_ptr() not in shared for i in moved
+    ):
+        return graph, outputs
+    pick_written, increment = _picker(written), torch._C._increment_version
 
     def direct(*args: Any) -> Any:
         if torch.autograd.profiler._is_profiler_enabled:
             return graph(*args)
-        increment(pick_bumped(args))
+        increment(pick_written(args))
         return code(list(args))
 
     # as Dynamo calls its graphs: not traced, should a compiled frame reach the call
     return torch._dynamo.disable(direct), outputs
 
 
-def _versions(values: Sequence[Any]) -> list[int | None]:
-    return [v._version if isinstance(v, torch.Tensor) else None for v in values]
+def versions(values: Sequence[Any]) -> list[int | None]:
+    """Each value's version counter; None for a number (old checkpoints' ``step``) and for an
+    inference tensor, which has none."""
+    return [v._version if isinstance(v, torch.Tensor) and not v.is_inference() else None for v in values]
 
 
 def _own_code(function: Callable, owner: Any) -> Callable:

@@ -52,7 +52,7 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import _backend, blocks, chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
-from agnostic_optim.adapters._torch_compiled import CompiledStep, GraphCall
+from agnostic_optim.adapters._torch_compiled import CompiledStep, GraphCall, versions
 from agnostic_optim.adapters._torch_kfac import KFAC
 from agnostic_optim.adapters._torch_lbfgs import LBFGS
 from agnostic_optim.adapters._torch_wrappers import SAM, Lookahead
@@ -220,7 +220,7 @@ class _Plan:
         versions of the step counters and running scalars, as this step left them."""
         self.group_version = group_version
         if not dicts:
-            self.versions = _versions(self.versioned)
+            self.versions = versions(self.versioned)
             return
         if _dict_version is not None:
             self.map_version = _dict_version(self.state_map)
@@ -234,7 +234,7 @@ class _Plan:
             elif subset.steps != []:  # ([]: no ``step``, as in torch.optim.SGD's state)
                 versioned += [s.get("step") for s in subset.states]
         versioned += [s.get(key) for key in self.rule.scalars for s in self.states]
-        self.versioned, self.versions = versioned, _versions(versioned)
+        self.versioned, self.versions = versioned, versions(versioned)
 
     def matches(
         self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], state_map: dict
@@ -263,7 +263,7 @@ class _Plan:
                 return False
         if self._pointers() != self.pointers or [t.stride() for t in self.chunked] != self.strides:
             return False
-        if _versions(self.versioned) != self.versions:
+        if versions(self.versioned) != self.versions:
             return False
         for subset in self.subsets:  # an edit through ``.data`` leaves the version counter alone
             steps = subset.steps  # (CPU tensors in torch.optim's format: read without a sync)
@@ -291,10 +291,6 @@ def _probe_dict_version() -> Callable[[dict], int] | None:
 
 
 _dict_version = _probe_dict_version()
-
-
-def _versions(values: list[Any]) -> list[int | None]:
-    return [getattr(v, "_version", None) for v in values]  # None for a number (old checkpoints)
 
 
 def _resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
