@@ -1255,6 +1255,25 @@ def test_step_with_closure_like_torch(torch64) -> None:
     assert ours.Adam(make_mlp().parameters()).step() is None
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_runs_without_grad_and_restores_the_grad_mode(compiled: bool) -> None:
+    """The step runs with grad mode off, as under ``torch.no_grad`` (its in-place writes to a
+    leaf that requires grad would raise otherwise, and record no graph), and leaves the
+    caller's grad mode as it found it, also when it raises."""
+    param = torch.linspace(-1.0, 1.0, 6).requires_grad_()
+    opt = ours.Adam([param], lr=0.1, compile=compiled)
+    for enabled in (True, False, True):
+        param.grad = torch.ones(6)
+        with torch.set_grad_enabled(enabled):
+            opt.step()
+            assert torch.is_grad_enabled() is enabled
+        assert param.grad_fn is None and param.is_leaf and opt.state[param]["exp_avg"].grad_fn is None
+    param.grad = torch.ones(6).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.is_grad_enabled()
+
+
 def test_step_hooks_are_called() -> None:
     model, data = make_mlp(), make_data()
     opt = ours.AdamW(model.parameters(), lr=1e-2)
