@@ -5,7 +5,10 @@ set (600 tensors of 1k-10k elements). For each optimizer it times, in one proces
 alternating order, torch.optim's for-loop, foreach and fused (where torch has it)
 implementations and ours (eager, and ``compile=True`` with ``--compile``), and prints medians
 and ratios side by side plus the peak memory of a step's temporaries (replayed from the torch
-profiler's allocation and free events).
+profiler's allocation and free events). Each round runs every contender once, in an order
+shuffled per round (seeded): a step pays for what the step before it left in the caches
+(lines still to be written back), and a fixed order would give every contender the same
+predecessor each time.
 
     python benchmarks/torch_step.py                 # eager only (quick)
     python benchmarks/torch_step.py --compile       # adds the torch.compile path (slow to compile)
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -113,10 +117,12 @@ def main() -> None:
             for opt in contenders.values():
                 opt.step()
             times: dict[str, list[float]] = {k: [] for k in contenders}
+            order, shuffle = list(contenders), random.Random(0).shuffle
             for _ in range(args.repeats):
-                for key, opt in contenders.items():
+                shuffle(order)
+                for key in order:
                     started = time.perf_counter()
-                    opt.step()
+                    contenders[key].step()
                     times[key].append(time.perf_counter() - started)
             medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             torch_keys = [k for k in medians if k.startswith("torch")]
