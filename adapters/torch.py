@@ -682,18 +682,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         # Inductor passes a 0-d float64 CPU input to its kernels by value (torch 2.13): a write
         # to one is lost. The running scalars are read and written through 1-element views.
         running = {k: [s[k].view(1) for s in states] for k in rule.scalars}
-        scalar_args = (
-            subset.count_tensor,
-            hparams,
-            scheduled,
-            running,
-            params,
-            grads,
-            leaf_inputs,
-            counters,
-            subset.compute_dtypes,
-        )
-        update_args = (subset.compute_dtypes, params, grads, buffers, subset.flags, leaf_inputs)
         written = [
             subset.count_tensor,
             *params,
@@ -711,6 +699,18 @@ class TorchOptimizer(torch.optim.Optimizer):
             subset.graph(flat)
             return
         self._refuse_sparse(grads)
+        scalar_args = (
+            subset.count_tensor,
+            hparams,
+            scheduled,
+            running,
+            params,
+            grads,
+            leaf_inputs,
+            counters,
+            subset.compute_dtypes,
+        )
+        update_args = (subset.compute_dtypes, params, grads, buffers, subset.flags, leaf_inputs)
         subset.graph = self._compiled_step(rule).run(scalar_args, update_args, flat, written)
 
     def _compiled_step(self, rule: engine.Rule) -> CompiledStep:
