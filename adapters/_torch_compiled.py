@@ -55,8 +55,7 @@ class GraphCall:
     ``index_scalars``/``index_update``: the position of each graph input in ``flat`` (positions
     past its end: the returned vectors). Dynamo gives a tensor passed twice one graph input:
     ``aliases`` are the pairs of positions that held one tensor when the graphs ran, and must
-    still do. ``index_marked``: the written tensors whose version counters the graphs leave
-    where they were, moved after each call."""
+    still do."""
 
     def __init__(
         self,
@@ -65,13 +64,11 @@ class GraphCall:
         update_graph: Graph,
         index_update: list[int],
         aliases: list[tuple[int, int]],
-        index_marked: list[int],
         flat: list,
     ):
         self.scalar_graph, self.update_graph, self.aliases = scalar_graph, update_graph, aliases
         self.pick_scalars = _picker(index_scalars)
         self.pick_update = _picker(index_update)
-        self.pick_marked = _picker(index_marked) if index_marked else None
         taken = {i for i in (*index_scalars, *index_update) if i < len(flat)}
         self.pick_inputs = _picker(sorted(taken))
         self.check_inputs = _input_check(self.pick_inputs(flat))
@@ -90,8 +87,6 @@ class GraphCall:
     def __call__(self, flat: list) -> None:
         vectors = self.scalar_graph(*self.pick_scalars(flat))  # (as Dynamo calls its graphs)
         self.update_graph(*self.pick_update([*flat, *vectors]))
-        if self.pick_marked is not None:
-            torch._C._increment_version(self.pick_marked(flat))
 
 
 def _picker(index: Sequence[int]) -> Callable[[list], tuple]:
@@ -182,22 +177,24 @@ class CompiledStep:
         """The step through Dynamo; the graphs that ran, to be called directly while their
         :meth:`GraphCall.accepts` the step's ``flat`` list (None: Dynamo runs every call)."""
         if self._dynamo is None:  # the compiler failed once: eager from then on
-            scalars, update = self._eager
-            update(*scalars(*scalar_args), *update_args)
+            self.run_uncompiled(scalar_args, update_args)
             return None
         self._ran.clear()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        before = versions(written)
         with warnings.catch_warnings():
             # array_api_compat caches its type checks (``_issubclass_fast``: pure functions of a
             # class) with lru_cache, which Dynamo traces through and says so once per function
             warnings.filterwarnings("ignore", message=_LRU_CACHE_NOTICE, category=UserWarning)
             vectors = self._dynamo(scalar_args, update_args)
-        marked = _mark_written(written, before)
         ran, self._ran = self._ran, []
         if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
             return None  # eager, or more than one graph per function: Dynamo runs every call
-        return _graph_call(ran, flat, written, marked, vectors)
+        return _graph_call(ran, flat, written, vectors)
+
+    def run_uncompiled(self, scalar_args: tuple, update_args: tuple) -> None:
+        """The step's two functions run as they are, op by op (no graph)."""
+        scalars, update = self._eager
+        update(*scalars(*scalar_args), *update_args)
 
     def _through_dynamo(self, scalar_args: tuple, update_args: tuple) -> tuple | None:
         """The step through Dynamo; the scalar vectors (None where it fell back to eager)."""
@@ -224,13 +221,12 @@ class CompiledStep:
 
 
 def _graph_call(
-    ran: list[tuple[Graph, list[int], Any]], flat: list, written: list, marked: list, vectors: tuple
+    ran: list[tuple[Graph, list[int], Any]], flat: list, written: list, vectors: tuple
 ) -> GraphCall | None:
     """The graphs Dynamo has just run for this layout, or None where that is not certain: one
     graph per function, the scalar one returning exactly ``vectors``, every graph input found
     in ``flat`` or ``vectors``, and no two written tensors sharing storage (Dynamo's guards
-    decide every step then). ``marked``: the written tensors whose version counters the graphs
-    left where they were (:func:`_mark_written`), moved after each call."""
+    decide every step then)."""
     if len(ran) != 2 or len({t.untyped_storage().data_ptr() for t in written}) != len(written):
         return None
     (scalar_graph, scalar_ids, outputs), (update_graph, update_ids, _) = ran
@@ -248,8 +244,7 @@ def _graph_call(
     index_update = [position.get(i) for i in update_ids]
     if None in index_scalars or None in index_update or any(i >= len(flat) for i in index_scalars):
         return None
-    index_marked = [position[id(t)] for t in marked]
-    return GraphCall(scalar_graph, index_scalars, update_graph, index_update, aliases, index_marked, flat)
+    return GraphCall(scalar_graph, index_scalars, update_graph, index_update, aliases, flat)
 
 
 def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
@@ -307,23 +302,6 @@ def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
 
     # as Dynamo calls its graphs: not traced, should a compiled frame reach the call
     return torch._dynamo.disable(direct), outputs
-
-
-def _mark_written(written: Sequence[torch.Tensor], before: Sequence[int | None]) -> list[torch.Tensor]:
-    """Move the version counter of each tensor in ``written`` that the step left where it was
-    (``before``), as an in-place op would (and torch.optim's step does); the tensors moved.
-
-    AOT autograd's wrappers move the counters of the inputs a graph writes, but not always that
-    of a written input sharing memory with another input (``p.grad = p.detach()``: it is written
-    through a base made for the call; whether that base shares the counter depends on whether
-    Inductor compiled the graph now or read it from its cache)."""
-    marked = []
-    for tensor, version in zip(written, before):
-        # one at a time: tensors sharing a counter (a view and its base) move it once
-        if version is not None and tensor._version == version:
-            torch._C._increment_version([tensor])
-            marked.append(tensor)
-    return marked
 
 
 def versions(values: Sequence[Any]) -> list[int | None]:
