@@ -177,7 +177,8 @@ class CompiledStep:
         """The step through Dynamo; the graphs that ran, to be called directly while their
         :meth:`GraphCall.accepts` the step's ``flat`` list (None: Dynamo runs every call)."""
         if self._dynamo is None:  # the compiler failed once: eager from then on
-            self.run_uncompiled(scalar_args, update_args)
+            scalars, update = self._eager
+            update(*scalars(*scalar_args), *update_args)
             return None
         self._ran.clear()
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -190,11 +191,6 @@ class CompiledStep:
         if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
             return None  # eager, or more than one graph per function: Dynamo runs every call
         return _graph_call(ran, flat, written, vectors)
-
-    def run_uncompiled(self, scalar_args: tuple, update_args: tuple) -> None:
-        """The step's two functions run as they are, op by op (no graph)."""
-        scalars, update = self._eager
-        update(*scalars(*scalar_args), *update_args)
 
     def _through_dynamo(self, scalar_args: tuple, update_args: tuple) -> tuple | None:
         """The step through Dynamo; the scalar vectors (None where it fell back to eager)."""

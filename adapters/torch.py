@@ -148,7 +148,6 @@ class _Subset:
         self.graph: GraphCall | None = None  # the compiled path's graph for this layout
         self.count_tensor: torch.Tensor | None = None  # the compiled path's step count
         self.compute_dtypes: tuple[torch.dtype, ...] = ()  # the compiled path's, in params' order
-        self.param_memory: frozenset[int] = frozenset()  # the compiled path's: params' data pointers
         self.hparams: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # (see _step_subset)
         self.hparams_version: int | None = None  # the group version they were read at
         steps = [s["step"] for s in states if "step" in s]
@@ -679,14 +678,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         if subset.count_tensor is None:
             subset.count_tensor = torch.tensor(subset.count, dtype=torch.int32, device=params[0].device)
             subset.compute_dtypes = tuple(dict.fromkeys(rule.precision.compute_dtype(XP, p) for p in params))
-            if all(type(p) in _PLAIN_TENSORS for p in params):  # (DTensor: no data pointer)
-                # (kept while the plan matches: it checks the params' pointers; 0: empty tensors)
-                subset.param_memory = frozenset(map(torch.Tensor.data_ptr, params)) - {0}
         counters = [subset.counters] if steps_done else []
         # Inductor passes a 0-d float64 CPU input to its kernels by value (torch 2.13): a write
         # to one is lost. The running scalars are read and written through 1-element views.
         running = {k: [s[k].view(1) for s in states] for k in rule.scalars}
-        aliased = _grad_in_param_memory(subset.param_memory, grads)
         written = [
             subset.count_tensor,
             *params,
@@ -694,16 +689,16 @@ class TorchOptimizer(torch.optim.Optimizer):
             *counters,
             *itertools.chain(*running.values()),
         ]
-        flat = [
-            *_leaves(hparams, scheduled),
-            *grads,
-            *itertools.chain(*leaf_inputs.values()),
-            *written,
-        ]
-        if not aliased and subset.graph is not None and subset.graph.accepts(flat):
+        flat = _step_inputs_flat(hparams, scheduled, grads, leaf_inputs, written)
+        if subset.graph is not None and subset.graph.accepts(flat):
+            # (a gradient in its param's memory too: graphs compiled on separate memory read each
+            # element before they write it, as torch.optim's step does; tested for the rules)
             subset.graph(flat)
             return
         self._refuse_sparse(grads)
+        if _grad_in_param_memory(params, grads):  # compiled on copies (see there)
+            grads = [g.clone() for g in grads]
+            flat = _step_inputs_flat(hparams, scheduled, grads, leaf_inputs, written)
         scalar_args = (
             subset.count_tensor,
             hparams,
@@ -716,10 +711,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             subset.compute_dtypes,
         )
         update_args = (subset.compute_dtypes, params, grads, buffers, subset.flags, leaf_inputs)
-        if aliased:
-            self._compiled_step(rule).run_uncompiled(scalar_args, update_args)
-        else:
-            subset.graph = self._compiled_step(rule).run(scalar_args, update_args, flat, written)
+        subset.graph = self._compiled_step(rule).run(scalar_args, update_args, flat, written)
 
     def _compiled_step(self, rule: engine.Rule) -> CompiledStep:
         """A step of ``rule`` as two functions for ``torch.compile``: the float64 scalar
@@ -801,16 +793,27 @@ def _mask_flags(rule: engine.Rule, group_params: list[torch.Tensor]) -> dict[int
     return dict(zip(map(id, group_params), engine.resolve_mask(rule.mask, like)))
 
 
-def _grad_in_param_memory(param_memory: frozenset[int], grads: list[torch.Tensor]) -> bool:
-    """Whether a gradient starts where a param does (``p.grad = p.detach()``). Dynamo's guards
-    (torch 2.13) do not tell that from separate memory, and a graph compiled for either case
-    runs the other wrongly: the compiled path runs such a step uncompiled."""
-    if not param_memory:
-        return False
-    try:
-        return not param_memory.isdisjoint(map(torch.Tensor.data_ptr, grads))
-    except RuntimeError:  # a gradient with no storage (sparse: refused before any graph runs)
-        return False
+def _grad_in_param_memory(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Whether a gradient starts where a param does (``p.grad = p.detach()``). AOT autograd
+    compiles such inputs as views of one base, and Dynamo's guards (torch 2.13) do not tell
+    them from separate memory: a graph compiled on them would run later steps on separate
+    memory wrongly (also read back from Inductor's cache). A step that goes through Dynamo
+    with such a gradient runs on copies of the gradients instead."""
+    if not all(type(t) in _PLAIN_TENSORS for t in itertools.chain(params, grads)):
+        return False  # (DTensor: no data pointer)
+    starts = set(map(torch.Tensor.data_ptr, params)) - {0}  # (0: empty tensors)
+    return not starts.isdisjoint(map(torch.Tensor.data_ptr, grads))
+
+
+def _step_inputs_flat(
+    hparams: dict[str, Any],
+    scheduled: dict[str, Any],
+    grads: list[torch.Tensor],
+    leaf_inputs: dict[str, list[torch.Tensor]],
+    written: list[torch.Tensor],
+) -> list[Any]:
+    """Every tensor and Python value a compiled step takes, in one list (see ``GraphCall``)."""
+    return [*_leaves(hparams, scheduled), *grads, *itertools.chain(*leaf_inputs.values()), *written]
 
 
 def _subset_inputs(
