@@ -278,7 +278,7 @@ def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
     if len(seen[2]) != len(outputs) or not all(map(operator.is_, seen[2], outputs)):
         return graph, outputs
     # each written input's counter moved by the wrappers (before the code ran, or after it), and
-    # no other input's but one sharing a written input's memory (a view, ``p.grad = p.detach()``)
+    # no other input's but one sharing a written input's memory (a view of it: one counter)
     after, ran_with, ran_to = versions(args), seen[1], seen[3]
     moved = [
         i for i, v in enumerate(before) if v is not None and (ran_with[i] - v) + (after[i] - ran_to[i]) > 0

@@ -692,7 +692,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         flat = _step_inputs_flat(hparams, scheduled, grads, leaf_inputs, written)
         if subset.graph is not None and subset.graph.accepts(flat):
             # (a gradient in its param's memory too: graphs compiled on separate memory read each
-            # element before they write it, as torch.optim's step does; tested for the rules)
+            # element before they write it, as torch.optim's step does; tested with SGD, AdamW,
+            # LAMB and Adan)
             subset.graph(flat)
             return
         self._refuse_sparse(grads)
