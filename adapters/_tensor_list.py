@@ -355,8 +355,8 @@ def _evaluate(node: _Node, destination: list[torch.Tensor] | None) -> list[torch
         return destination
     base, kernel, operands, kwargs = _plan(node, destination)
     values = tuple(v.tensors if isinstance(v, TensorList) else v for v in operands)
-    if kernel in ("mul", "div") and isinstance(values[0], float):
-        values = (_cpu_scalar(values[0], base),)
+    if kernel in ("mul", "div", "add") and isinstance(values[0], float):
+        values = (_cpu_scalar(kernel, values[0], base),)
     if destination is not None and any(isinstance(v, list) and _same(v, destination) for v in values):
         result = _evaluate(node, None)  # an operand is the destination's old value
         _copy(destination, result)
@@ -374,14 +374,20 @@ def _evaluate(node: _Node, destination: list[torch.Tensor] | None) -> list[torch
     return target
 
 
-def _cpu_scalar(value: float, like: TensorList) -> float | torch.Tensor:
-    """``value`` as a 0-d tensor of ``like``'s dtype for a CPU multiplication or division, which
-    runs twice as fast on 600 small tensors as with a Python number (float32/float64 only: a
-    number is not rounded to the list's dtype first, so the results are identical)."""
+def _cpu_scalar(kernel: str, value: float, like: TensorList) -> float | torch.Tensor | list[torch.Tensor]:
+    """``value`` as the scalar operand of a CPU ``_foreach_{mul,div,add}``, in the form torch runs
+    fastest on many small tensors: a 0-d tensor of ``like``'s dtype for a multiplication or
+    division, the same 0-d tensor once per leaf for an addition. Measured on 600 tensors of 5k
+    float32 elements: ``mul_`` 0.46 ms against 1.34 ms with a Python number, ``add_`` 0.52 ms
+    against 1.33 ms (with a single 0-d tensor, also 1.33 ms). Only float32/float64 lists: the
+    kernels meet a number in the list's dtype, so the results are identical; a 16-bit list
+    would meet it in float32 and keeps the number.
+    """
     first = like._any()
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
         return value
-    return torch.tensor(value, dtype=first.dtype)
+    scalar = torch.tensor(value, dtype=first.dtype)
+    return [scalar] * len(like) if kernel == "add" else scalar
 
 
 def _copy(destinations: list[torch.Tensor], values: list[torch.Tensor]) -> None:
