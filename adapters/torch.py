@@ -43,7 +43,7 @@ import operator
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import array_api_compat.torch
@@ -60,11 +60,14 @@ from agnostic_optim.hparams import is_scheduled
 
 XP = array_api_compat.torch  # the core's namespace for torch tensors
 # Eager path: leaves are cut into flat chunks of at most CHUNK_ELEMENTS and processed in blocks
-# of about BLOCK_ELEMENTS. With the step evaluated in place (a single temporary at most), 1 << 20
-# for both was fastest on a 2-core CPU in benchmarks/torch_step.py (ResNet-18 SGD-momentum 7.2 ms
-# vs 8.9 ms with 1 << 18; the 600-small-tensor set is indifferent).
+# of about BLOCK_ELEMENTS. With the step evaluated in place (a single temporary at most), chunks
+# of 1 << 20 were fastest on a 2-core CPU in benchmarks/torch_step.py (ResNet-18 SGD-momentum
+# 7.2 ms vs 8.9 ms with 1 << 18). Blocks of 1 << 21 against 1 << 20: the same on ResNet-18
+# (SGD-momentum, AdamW), and on the 600-small-tensor set a little slower while the machine's
+# memory ran fast (RMSprop 9.95 vs 9.71 ms, AdamW 15.6 vs 14.8) but much faster while it ran
+# slow (RMSprop 13.9 vs 15.6 ms, Adagrad 13.6 vs 15.2; torch foreach 15.3 and 17.5).
 CHUNK_ELEMENTS = 1 << 20
-BLOCK_ELEMENTS = 1 << 20
+BLOCK_ELEMENTS = 1 << 21
 
 __all__ = [
     "KFAC",
@@ -139,7 +142,7 @@ class _Subset:
         buffers: dict[str, list[torch.Tensor]],
         count: int,
         layout: chunking.ChunkLayout | None,
-        groups: list[list[int]] | None,
+        groups: list[Sequence[int]] | None,
         flags: list[bool] | None,
     ):
         self.params, self.states, self.buffers, self.count = params, states, buffers, count
@@ -173,9 +176,11 @@ class _Plan:
     the step counters still hold the count the plan keeps. The step counters and the params
     keep their data pointers (the counters are incremented through their shared base; a param
     rebound through ``.data``, as ``model.float()`` does, may need other buffers and dtypes). On
-    the eager path, so do the buffers (``x.data = ...`` would leave the chunk views on the old
-    storage), and chunked tensors their strides; the compiled graphs read each tensor's memory
-    as they run and check every input's layout themselves (see ``_torch_compiled``).
+    the eager path, so do the buffers cut into chunks (``x.data = ...`` would leave the chunk
+    views on the old storage), and chunked tensors their strides; a buffer left whole is the
+    state's tensor itself, so the step reads whatever it is rebound to. The compiled graphs read
+    each tensor's memory as they run and check every input's layout themselves (see
+    ``_torch_compiled``).
     """
 
     def __init__(
@@ -190,11 +195,9 @@ class _Plan:
         self.group, self.rule, self.params, self.subsets = group, rule, params, subsets
         self.state_map = state_map
         self.states = [state_map[p] for p in params]
-        self.buffers = {name: [s[name] for s in self.states] for name in engine.buffer_names(rule)}
         self.cacheable = all(type(p) in _PLAIN_TENSORS for p in params)  # DTensor: no data pointer
         self.compiled = compiled
         if self.cacheable:
-            self.pointers = self._pointers()
             self.chunked = [
                 t
                 for subset in subsets
@@ -204,14 +207,15 @@ class _Plan:
                 for t in (subset.params[i], *(buffers[i] for buffers in subset.buffers.values()))
             ]
             self.strides = [t.stride() for t in self.chunked]
+            self.pointers = self._pointers()
         self.record_history()
 
     def _pointers(self) -> list[int]:
         # counters read and incremented through their shared base must still be its elements
         counters = [subset.steps for subset in self.subsets if subset.counters is not None]
         # the params' pointers move when ``.data`` rebinds them (``model.float()``: the plan's
-        # dtypes and buffers must follow); on the eager path the buffers' too (the chunk views)
-        owned = (self.params,) if self.compiled else (self.params, *self.buffers.values())
+        # dtypes and buffers must follow); on the eager path the chunked tensors' too (the views)
+        owned = (self.params,) if self.compiled else (self.params, self.chunked)
         return list(map(torch.Tensor.data_ptr, itertools.chain(*owned, *counters)))
 
     def record_history(self, group_version: int | None = None, dicts: bool = True) -> None:

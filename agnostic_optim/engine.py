@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
@@ -256,9 +256,10 @@ def leaf_groups(
     buffers: Mapping[str, list[Array]],
     flags: list[bool] | None,
     batching: Batching | None,
-) -> list[list[int]]:
+) -> list[Sequence[int]]:
     """Indices of leaves that run together: singletons, or same dtype/device/mask flag when
-    batching, cut into blocks of at most ``batching.block_elements`` elements."""
+    batching, cut into blocks of at most ``batching.block_elements`` elements (a contiguous
+    block as a ``range``)."""
     if batching is None:
         return [[i] for i in range(len(params))]
     groups: dict[Any, list[list[int]]] = {}
@@ -279,7 +280,19 @@ def leaf_groups(
             sizes[key] = 0
         blocks[-1].append(i)
         sizes[key] = sizes.get(key, 0) + size
-    return [block for blocks in groups.values() for block in blocks]
+    # a contiguous block as a range: its leaves are then taken with one slice (see _take)
+    return [
+        range(block[0], block[-1] + 1) if block[-1] - block[0] == len(block) - 1 else block
+        for blocks in groups.values()
+        for block in blocks
+    ]
+
+
+def _take(leaves: list[Array], group: Sequence[int]) -> list[Array]:
+    """The leaves of one group from :func:`leaf_groups` (a range: a slice, no loop)."""
+    if isinstance(group, range):
+        return leaves[group.start : group.stop]
+    return [leaves[i] for i in group]
 
 
 def _as_array(xp: Any, x: Array) -> Array:
@@ -382,7 +395,7 @@ def update_leaves(
     flags: list[bool] | None = None,
     batching: Batching | None = None,
     in_place: bool = False,
-    groups: list[list[int]] | None = None,
+    groups: list[Sequence[int]] | None = None,
 ) -> tuple[list[Array], dict[str, list[Array]]]:
     """The array half of a step: run ``rule.update`` over every leaf (or batched group).
 
@@ -412,9 +425,9 @@ def update_leaves(
         ) -> Any:
             """The group's leaves packed into one operand, cast to the compute dtype if ``convert``
             (``uniform``: the group shares the leaves' dtype, so the first leaf tells for all)."""
-            if not convert or (uniform and leaves[group[0]].dtype == dtype):
-                return pack([leaves[i] for i in group])
-            selected = [leaves[i] for i in group]
+            selected = _take(leaves, group)
+            if not convert or (uniform and selected[0].dtype == dtype):
+                return pack(selected)
             # one C-level count rather than a cast call per leaf (and traceable by torch.compile)
             dtypes = [leaf.dtype for leaf in selected]
             if dtypes.count(dtype) == len(selected):
@@ -442,7 +455,7 @@ def update_leaves(
         store_all = getattr(batching, "store", None) if in_place else None
         if store_all is not None:  # the batching writes the whole group at once
             destinations = {"": param_leaves, **buffer_leaves}
-            store_all([([destinations[k][i] for i in group], v) for k, v in packed.items()])
+            store_all([(_take(destinations[k], group), v) for k, v in packed.items()])
             continue
         results = {k: unpack(v) for k, v in packed.items()}
         for position, i in enumerate(group):
