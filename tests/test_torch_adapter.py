@@ -25,7 +25,6 @@ import io
 import itertools
 import os
 import pathlib
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1509,12 +1508,6 @@ DIST_WORLD = 2
 DIST_STEPS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_train(kind: str, wrap: Callable[[nn.Module], nn.Module], rank: int) -> list[torch.Tensor]:
     """Train a float64 MLP on this rank's half of the batch; return the full parameters."""
     x, y = make_data(torch.float64)
@@ -1541,15 +1534,17 @@ def _fully_shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
-    """One of two gloo ranks: ours and torch.optim's AdamW under DDP and under FSDP2."""
+def _distributed_worker(rank: int, out_dir: str) -> None:
+    """One of two gloo ranks: ours and torch.optim's AdamW under DDP and under FSDP2. They meet
+    through a file (a TCP rendezvous on a port found free beforehand can lose it to another
+    process before rank 0 binds it)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
         rank=rank,
         world_size=DIST_WORLD,
         timeout=timedelta(seconds=60),
@@ -1582,7 +1577,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[s
     out_dir = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
         _distributed_worker,
-        args=(_free_port(), str(out_dir)),
+        args=(str(out_dir),),
         nprocs=DIST_WORLD,
         join=False,
         start_method="spawn",
