@@ -141,3 +141,28 @@ def test_per_leaf_scalars_never_become_the_base_of_a_full_size_chain(lists) -> N
     )
     ratio = NAMESPACE.where(norms > 0, norms, NAMESPACE.ones_like(norms))
     close((ratio * 2.0) * TensorList(x), [c.sum() * 2.0 * a for a, c in zip(x, z)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_scalar_operands_round_like_a_python_number(lists, dtype) -> None:
+    """On CPU a scalar multiplication, division or addition passes the scalar to the kernel as a
+    0-d tensor of the list's dtype (once per leaf for an addition), which is faster on small
+    tensors; the results stay bitwise those of the per-tensor expression with the Python number
+    (16-bit lists keep the number). Scalars that float32 cannot hold exactly, given as numbers
+    and as 0-d float64 tensors, twice (the second time from the cache of 0-d tensors)."""
+    x = [t.to(dtype) for t in lists[0]]
+    for _ in range(2):
+        for scalar in (1e-8, 0.3, 1 / 3):
+            for given in (scalar, torch.tensor(scalar, dtype=torch.float64)):
+                cases = {
+                    "add": (TensorList(x) + given, [t + scalar for t in x]),
+                    "sqrt add": (
+                        NAMESPACE.sqrt(NAMESPACE.abs(TensorList(x))) + given,
+                        [t.abs().sqrt() + scalar for t in x],
+                    ),
+                    "mul": (TensorList(x) * given, [t * scalar for t in x]),
+                    "div": (TensorList(x) / given, [t / scalar for t in x]),
+                }
+                for name, (actual, expected) in cases.items():
+                    for a, e in zip(actual.tensors, expected, strict=True):
+                        assert a.dtype == dtype and torch.equal(a, e), (name, scalar, type(given))

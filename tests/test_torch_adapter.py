@@ -1385,6 +1385,30 @@ def test_sparse_gradients_are_refused() -> None:
     assert not any(opt.state[p] for p in params if p in opt.state)
 
 
+@pytest.mark.parametrize("name", ["AdamW", "RMSprop"])
+def test_eager_blocks_over_interleaved_dtypes_match_torch(monkeypatch, name: str) -> None:
+    """One group whose float32 and float64 params alternate, in blocks of a few leaves: the
+    eager path's leaf groups are then index lists (one dtype each), not contiguous ranges, and
+    each param still follows torch.optim's own foreach step (which groups by dtype too)."""
+    monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 30)  # two 12-element leaves a block
+    runs = []
+    for module in (ours, torch.optim):
+        generator = torch.Generator().manual_seed(0)
+        params = [
+            torch.randn(3, 4, generator=generator, dtype=dtype).requires_grad_()
+            for dtype in (torch.float32, torch.float64) * 4
+        ]
+        opt = getattr(module, name)(params, lr=1e-2, weight_decay=0.1)
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(torch.arange(12.0, dtype=p.dtype).reshape(3, 4) * (i + 1) + step)
+            opt.step()
+        runs.append(params)
+    for mine, theirs in zip(*runs, strict=True):
+        tolerance = TOL[str(mine.dtype).removeprefix("torch.")]
+        assert relative_error(mine.detach().numpy(), theirs.detach().numpy()) <= tolerance, mine.dtype
+
+
 # --------------------------------------------------------------------------- 6. GradScaler
 
 
