@@ -386,17 +386,19 @@ def _cpu_scalar(kernel: str, value: float, like: TensorList) -> float | torch.Te
     first = like._any()
     if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.float64):
         return value
-    scalar = _SCALARS.get((value, first.dtype))
+    key = (value.hex(), first.dtype)  # (the exact value: -0.0 is not 0.0, and NaN is NaN)
+    scalar = _SCALARS.get(key)
     if scalar is None:
         if len(_SCALARS) >= 64:  # (a schedule makes new values every step)
             _SCALARS.clear()
-        scalar = _SCALARS[value, first.dtype] = torch.tensor(value, dtype=first.dtype)
+        # (on the list's device, whatever ``torch.set_default_device`` says)
+        scalar = _SCALARS[key] = torch.tensor(value, dtype=first.dtype, device=first.device)
     return [scalar] * len(like) if kernel == "add" else scalar
 
 
-# 0-d CPU tensors made by _cpu_scalar, by (value, dtype): the kernels only read them, and making
-# one costs more than a small kernel (a step on 600 leaves made eight of them)
-_SCALARS: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+# 0-d CPU tensors made by _cpu_scalar, by (float.hex(value), dtype): the kernels only read them,
+# and making one costs more than a small kernel (a step on 600 leaves made eight of them)
+_SCALARS: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
 def _copy(destinations: list[torch.Tensor], values: list[torch.Tensor]) -> None:

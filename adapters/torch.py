@@ -178,7 +178,8 @@ class _Plan:
     rebound through ``.data``, as ``model.float()`` does, may need other buffers and dtypes). On
     the eager path, so do the buffers cut into chunks (``x.data = ...`` would leave the chunk
     views on the old storage), and chunked tensors their strides; a buffer left whole is the
-    state's tensor itself, so the step reads whatever it is rebound to. The compiled graphs read
+    state's tensor itself, so the step reads whatever it is rebound to (rebound to another dtype,
+    it is then stepped in that dtype, where torch.optim raises). The compiled graphs read
     each tensor's memory as they run and check every input's layout themselves (see
     ``_torch_compiled``).
     """

@@ -166,3 +166,28 @@ def test_scalar_operands_round_like_a_python_number(lists, dtype) -> None:
                 for name, (actual, expected) in cases.items():
                     for a, e in zip(actual.tensors, expected, strict=True):
                         assert a.dtype == dtype and torch.equal(a, e), (name, scalar, type(given))
+
+
+def _same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal values, NaNs in the same places and zeros and infinities of the same sign."""
+    close = torch.isclose(actual, expected, rtol=0, atol=0, equal_nan=True)
+    return bool(close.all()) and torch.equal(torch.signbit(actual), torch.signbit(expected))
+
+
+def test_scalar_operands_keep_the_sign_of_zero_and_ignore_the_default_device() -> None:
+    """The 0-d tensors made for scalar operands are cached by exact value (``-0.0`` is not
+    ``0.0``: ``x * -0.0``, ``x / -0.0`` and ``x - 0.0`` keep their signs) and made on the list's
+    device even under another default device (a cached meta tensor would corrupt every later
+    step on CPU)."""
+    x = torch.tensor([1.0, -0.0, 2.0, 0.0, -3.0])
+    for scalar in (0.0, -0.0, 0.0, float("inf"), float("-inf"), float("nan")):
+        for default in ("cpu", "meta", "cpu"):
+            with torch.device(default):
+                cases = {
+                    "mul": (TensorList([x]) * scalar, x * scalar),
+                    "div": (TensorList([x]) / scalar, x / scalar),
+                    "add": (TensorList([x]) + scalar, x + scalar),
+                    "sub": (TensorList([x]) - scalar, x - scalar),
+                }
+                for name, (actual, expected) in cases.items():
+                    assert _same_bits(actual.tensors[0], expected), (name, scalar, default)
