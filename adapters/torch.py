@@ -663,8 +663,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             in_place=True,
             groups=subset.groups,
         )
-        for s in states:
-            for k, v in step.running.items():
+        for k, v in step.running.items():  # (no pass over the states for rules without any)
+            for s in states:
                 # each param its own tensor: torch.optim updates loaded state in place
                 s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
 
