@@ -848,6 +848,36 @@ def test_compiled_optimizers_do_not_share_dynamos_graph_cache() -> None:
 
 
 @pytest.mark.slow
+def test_compiled_step_fuses_the_loops_of_small_same_sized_params_only() -> None:
+    """Inductor fuses the update loops of same-sized params into one loop; the compiled step
+    keeps that for params of at most 2**16 elements and runs larger ones loop after loop
+    (``StreamingChoices``: a fused loop streams every fused param's arrays at once), with the
+    numbers of torch.optim."""
+    from torch._inductor.utils import run_and_get_code
+
+    big, small = 1 << 17, 64
+    runs = []
+    for module, kwargs in ((ours, {"compile": True}), (torch.optim, {"foreach": False})):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=generator, requires_grad=True) for n in (big, big, small, small)]
+        opt = module.SGD(params, lr=0.1, momentum=0.9, **kwargs)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            if step == 0 and module is ours:
+                with torch._inductor.config.patch(fx_graph_cache=False):
+                    _, sources = run_and_get_code(opt.step)
+            else:
+                opt.step()
+        runs.append(params)
+    code = "\n".join(sources)
+    loops = {n: code.count(f"x0<static_cast<int64_t>({n}L)") for n in (big, small)}
+    assert loops == {big: 2, small: 1}, f"loops over each size in the update graph: {loops}"
+    for p, expected in zip(*runs):
+        assert relative_error(p.detach().numpy(), expected.detach().numpy()) <= 1e-6
+
+
+@pytest.mark.slow
 def test_compiled_path_resumes_from_load_state_dict_without_compiling_again() -> None:
     """torch.optim's ``load_state_dict`` runs ``__setstate__``; the compiled steps survive it
     (a fresh compile per load took seconds and kept the old graphs)."""
