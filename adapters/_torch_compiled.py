@@ -235,14 +235,15 @@ HORIZONTAL_FUSION_ELEMENTS = 1 << 16
 
 
 def _loop_elements(node: Any) -> int | None:
-    """The number of iterations of a scheduler node's loops (None: not a known integer)."""
-    _, sizes = node.group  # (device, loop sizes): tuples of sizes on CPU, their products on GPU
-    count = 1
-    for size in (s for part in sizes for s in (part if isinstance(part, tuple) else (part,))):
-        try:
-            count *= int(size)
-        except TypeError:  # a symbolic size
-            return None
+    """The number of iterations of a scheduler node's loops (None: unknown, e.g. symbolic)."""
+    try:  # ``group``: (device, loop sizes), tuples of sizes on CPU, their products on GPU
+        _, sizes = node.group
+        count = 1
+        for part in sizes:
+            for size in part if isinstance(part, tuple) else (part,):
+                count *= int(size)
+    except (AttributeError, TypeError, ValueError):  # no group, or a symbolic size
+        return None
     return count
 
 
