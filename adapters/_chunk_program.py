@@ -583,8 +583,7 @@ class ProgramBatching:
     array as it was. Scratch registers are kept between steps (a few chunks per dtype).
     """
 
-    xp = NAMESPACE
-    block_elements = None  # a whole dtype group is one program; the chunks bound the cache use
+    xp = NAMESPACE  # (a whole dtype group is one program; the chunks bound the cache use)
 
     def __init__(self, threads: int | None = None) -> None:
         self._inputs: list[list[Array]] = []
@@ -597,9 +596,6 @@ class ProgramBatching:
     def pack(self, arrays: list[Array]) -> Symbol:
         self._inputs.append(list(arrays))
         return Symbol("input", (len(self._inputs) - 1,), arrays[0].dtype)
-
-    def unpack(self, packed: Symbol) -> list[Array]:
-        raise Unsupported("recorded values are only stored in place")
 
     def store(self, pairs: list[tuple[list[Array], Symbol]]) -> None:
         stores = []

@@ -1,6 +1,8 @@
-"""The torch adapter's ``compile=True`` step: a rule's step compiled by ``torch.compile`` as two
-graphs (the scalar arithmetic, then the update of every param), called straight through the
-compiled graphs while the layout they were compiled for holds.
+"""The torch adapter's ``compile=True`` executor (:class:`CompiledExecutor`): a rule's step
+compiled by ``torch.compile`` as two graphs (the scalar arithmetic, then the update of every
+param), called straight through the compiled graphs while the layout they were compiled for
+holds. The private torch APIs it needs come from ``_torch_private``; without them the front runs
+the eager executor instead.
 
 Two graphs, because Inductor cannot give one good code for both: a scalar it computes in the
 graph that streams the params is either recomputed inside every loop that reads it (a 0-d
@@ -32,6 +34,7 @@ fused into one loop.
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
 import types
 import warnings
@@ -40,18 +43,29 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch._inductor.compile_fx import compile_fx
 
-try:  # Inductor's heuristics hook (a private API: Inductor's own heuristics where it is missing)
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.virtualized import V
-except ImportError:  # pragma: no cover - depends on the torch build
-    InductorChoices = V = None
-
-try:  # Dynamo's C++ checks (a private API: Python comparisons stand in where it is missing)
-    from torch._C._dynamo.guards import GlobalStateGuard, TensorGuards
-except ImportError:  # pragma: no cover - depends on the torch build
-    GlobalStateGuard = TensorGuards = None
+from agnostic_optim import engine
+from agnostic_optim.adapters._torch_plan import (
+    PLAIN_TENSORS,
+    XP,
+    Subset,
+    outside_frames,
+    refuse_sparse,
+    versions,
+)
+from agnostic_optim.adapters._torch_private import (
+    BackendCompilerFailed,
+    GlobalStateGuard,
+    InductorChoices,
+    TensorGuards,
+    V,
+    compile_fx,
+    dynamo_counters,
+    dynamo_disable,
+    increment_version,
+    profiler_enabled,
+    reset_code,
+)
 
 Graph = Callable[..., Any]
 _LRU_CACHE_NOTICE = "Dynamo detected a call to a `functools.lru_cache`-wrapped function"
@@ -196,14 +210,14 @@ class CompiledStep:
             update(*scalars(*scalar_args), *update_args)
             return None
         self._ran.clear()
-        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        breaks = sum(dynamo_counters["graph_break"].values())
         with warnings.catch_warnings():
             # array_api_compat caches its type checks (``_issubclass_fast``: pure functions of a
             # class) with lru_cache, which Dynamo traces through and says so once per function
             warnings.filterwarnings("ignore", message=_LRU_CACHE_NOTICE, category=UserWarning)
             vectors = self._dynamo(scalar_args, update_args)
         ran, self._ran = self._ran, []
-        if vectors is None or sum(torch._dynamo.utils.counters["graph_break"].values()) != breaks:
+        if vectors is None or sum(dynamo_counters["graph_break"].values()) != breaks:
             return None  # eager, or more than one graph per function: Dynamo runs every call
         return _graph_call(ran, flat, written, vectors)
 
@@ -212,14 +226,14 @@ class CompiledStep:
         (scalars, update), (compiled_scalars, compiled_update) = self._eager, self._compiled
         try:
             vectors, layout = compiled_scalars(*scalar_args)
-        except torch._dynamo.exc.BackendCompilerFailed as error:
+        except BackendCompilerFailed as error:
             # raised while compiling, before the step ran: nothing has been written yet
             self._fall_back(error)
             update(*scalars(*scalar_args), *update_args)
             return None
         try:
             compiled_update(vectors, layout, *update_args)
-        except torch._dynamo.exc.BackendCompilerFailed as error:
+        except BackendCompilerFailed as error:
             self._fall_back(error)
             update(vectors, layout, *update_args)
             return None
@@ -229,6 +243,218 @@ class CompiledStep:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         self._on_fallback(first_line)
         self._dynamo = None
+
+
+class CompiledLayout:
+    """What the compiled executor keeps for a subset: its step count as a tensor the graphs
+    increment, the compute dtypes of its params and the graphs to call directly."""
+
+    def __init__(self, rule: engine.Rule, params: list[torch.Tensor]):
+        self.viewed: list[torch.Tensor] = []  # (the graphs read each tensor's memory as they run)
+        self.compute_dtypes = tuple(dict.fromkeys(rule.precision.compute_dtype(XP, p) for p in params))
+        self.count_tensor: torch.Tensor | None = None  # made at the first step, from the count
+        self.graph: GraphCall | None = None  # the graphs for this layout, once Dynamo ran them
+
+
+class CompiledExecutor:
+    """Runs steps as compiled graphs (``compile=True``; see the module docstring).
+
+    ``name``: the optimizer's class name, for messages. Each rule gets its own
+    :class:`CompiledStep` (its own code objects and Dynamo cache), freed with this executor."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._steps: dict[int, CompiledStep] = {}
+
+    @staticmethod
+    def lay_out(
+        rule: engine.Rule, params: list[torch.Tensor], buffers: dict[str, list], flags: list | None
+    ) -> CompiledLayout:
+        return CompiledLayout(rule, params)
+
+    def step(
+        self,
+        rule: engine.Rule,
+        subset: Subset,
+        hparams: dict[str, Any],
+        scheduled: dict[str, Any],
+        grads: list[torch.Tensor],
+        leaf_inputs: dict[str, list[torch.Tensor]],
+        keeps_step: bool,
+    ) -> bool:
+        """The whole step, scalars and torch.optim's step counters included, as compiled graphs
+        (not torch.optim.SGD's counters, which the front drops after the first step)."""
+        params, states, buffers, layout = subset.params, subset.states, subset.buffers, subset.layout
+        if layout.count_tensor is None:
+            layout.count_tensor = torch.tensor(subset.count, dtype=torch.int32, device=params[0].device)
+        counted = subset.counters is not None and keeps_step
+        counters = [subset.counters] if counted else []
+        # Inductor passes a 0-d float64 CPU input to its kernels by value (torch 2.13): a write
+        # to one is lost. The running scalars are read and written through 1-element views.
+        running = {k: [s[k].view(1) for s in states] for k in rule.scalars}
+        written = [
+            layout.count_tensor,
+            *params,
+            *itertools.chain(*buffers.values()),
+            *counters,
+            *itertools.chain(*running.values()),
+        ]
+        flat = _step_inputs_flat(hparams, scheduled, grads, leaf_inputs, written)
+        if layout.graph is not None and layout.graph.accepts(flat):
+            # (a gradient in its param's memory too: graphs compiled on separate memory read each
+            # element before they write it, as torch.optim's step does; tested with SGD, AdamW,
+            # LAMB and Adan)
+            layout.graph(flat)
+            return counted
+        refuse_sparse(self.name, grads)
+        if _grad_in_param_memory(params, grads):  # compiled on copies (see there)
+            grads = [g.clone() for g in grads]
+            flat = _step_inputs_flat(hparams, scheduled, grads, leaf_inputs, written)
+        dtypes = layout.compute_dtypes
+        scalar_args = (
+            layout.count_tensor,
+            hparams,
+            scheduled,
+            running,
+            params,
+            grads,
+            leaf_inputs,
+            counters,
+            dtypes,
+        )
+        update_args = (dtypes, params, grads, buffers, subset.flags, leaf_inputs)
+        layout.graph = self._compiled_step(rule).run(scalar_args, update_args, flat, written)
+        return counted
+
+    def _compiled_step(self, rule: engine.Rule) -> CompiledStep:
+        """A step of ``rule`` as two functions for ``torch.compile``: the float64 scalar
+        arithmetic (with the running scalars and step counters it writes in place), returning the
+        scalars cast to each compute dtype and stacked into one tensor per dtype; then
+        ``update_leaves`` reading them, writing params and buffers in place."""
+        if id(rule) not in self._steps:
+
+            def scalars(
+                count: torch.Tensor,
+                hparams: dict,
+                scheduled: dict,
+                running: dict,
+                params: list,
+                grads: list,
+                leaf_inputs: dict,
+                counters: list,
+                dtypes: tuple,
+            ) -> tuple[tuple[torch.Tensor, ...], dict]:
+                scalar_dtype, device = engine.scalar_dtype(XP, params[0]), params[0].device
+                before = {
+                    k: views[0][0].to(device=device, dtype=scalar_dtype) for k, views in running.items()
+                }
+                core_state = engine.OptimizerState(count, hparams, scheduled, {}, before)
+                prepared = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
+                for name, views in running.items():
+                    for view in views:
+                        view.copy_(prepared.running[name])
+                count.add_(1)
+                for counter in counters:
+                    counter.add_(1)
+                tensors = [v for v in _leaves(prepared.values) if isinstance(v, torch.Tensor)]
+                vectors = (
+                    tuple(torch.stack([t.to(dtype) for t in tensors]) for dtype in dtypes) if tensors else ()
+                )
+                return vectors, _scalar_layout(prepared.values)
+
+            def update(
+                vectors: tuple,
+                layout: dict,
+                dtypes: tuple,
+                params: list,
+                grads: list,
+                buffers: dict,
+                flags: list | None,
+                leaf_inputs: dict,
+            ) -> None:
+                cast = {
+                    dtype: _read_scalars(layout, vectors[i] if vectors else None)
+                    for i, dtype in enumerate(dtypes)
+                }
+                outputs, new_buffers = engine.update_leaves(
+                    rule, XP, lambda leaf, dtype: cast[dtype], grads, params, buffers, leaf_inputs, flags
+                )
+                for p, new in zip(params, outputs):
+                    p.copy_(new)
+                for name, values in new_buffers.items():
+                    for buffer, new in zip(buffers[name], values):
+                        buffer.copy_(new)
+
+            def fall_back(reason: str) -> None:
+                warnings.warn(
+                    f"torch.compile failed on {rule.name}'s step ({reason}); it runs eagerly, leaf by leaf",
+                    UserWarning,
+                    stacklevel=outside_frames(),
+                )
+
+            self._steps[id(rule)] = CompiledStep(self, scalars, update, fall_back)
+        return self._steps[id(rule)]
+
+
+def _grad_in_param_memory(params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+    """Whether a gradient starts where a param does (``p.grad = p.detach()``). AOT autograd
+    compiles such inputs as views of one base, and Dynamo's guards (torch 2.13) do not tell
+    them from separate memory: a graph compiled on them would run later steps on separate
+    memory wrongly (also read back from Inductor's cache). A step that goes through Dynamo
+    with such a gradient runs on copies of the gradients instead."""
+    if not all(type(t) in PLAIN_TENSORS for t in itertools.chain(params, grads)):
+        return False  # (DTensor: no data pointer)
+    starts = set(map(torch.Tensor.data_ptr, params)) - {0}  # (0: empty tensors)
+    return not starts.isdisjoint(map(torch.Tensor.data_ptr, grads))
+
+
+def _step_inputs_flat(
+    hparams: dict[str, Any],
+    scheduled: dict[str, Any],
+    grads: list[torch.Tensor],
+    leaf_inputs: dict[str, list[torch.Tensor]],
+    written: list[torch.Tensor],
+) -> list[Any]:
+    """Every tensor and Python value a compiled step takes, in one list (see ``GraphCall``)."""
+    return [*_leaves(hparams, scheduled), *grads, *itertools.chain(*leaf_inputs.values()), *written]
+
+
+def _leaves(*mappings: dict[str, Any]) -> list[Any]:
+    """The values of ``mappings``, in order, tuples flattened."""
+    return [leaf for mapping in mappings for value in mapping.values() for leaf in _flat_value(value)]
+
+
+def _flat_value(value: Any) -> list[Any]:
+    return [leaf for v in value for leaf in _flat_value(v)] if isinstance(value, tuple) else [value]
+
+
+def _scalar_layout(values: dict[str, Any]) -> dict[str, Any]:
+    """Where each of ``values``' tensors sits among its :func:`_leaves` (``("at", index)``), and
+    the Python values it holds (``("value", value)``), nested as ``values`` is."""
+    tensors = 0
+
+    def place(value: Any) -> Any:
+        nonlocal tensors
+        if isinstance(value, tuple):
+            return tuple(map(place, value))
+        if not isinstance(value, torch.Tensor):
+            return ("value", value)
+        tensors += 1
+        return ("at", tensors - 1)
+
+    return {k: place(v) for k, v in values.items()}
+
+
+def _read_scalars(layout: dict[str, Any], vector: torch.Tensor | None) -> engine.Scalars:
+    """The step's scalars from their stacked ``vector`` (see :func:`_scalar_layout`)."""
+
+    def read(entry: Any) -> Any:
+        if not entry or isinstance(entry[0], tuple):  # a tuple of scalars
+            return tuple(map(read, entry))
+        kind, value = entry
+        return vector[value] if kind == "at" else value
+
+    return engine.Scalars({k: read(v) for k, v in layout.items()})
 
 
 HORIZONTAL_FUSION_ELEMENTS = 1 << 16
@@ -350,22 +576,16 @@ def _observed_call(graph: Graph, args: tuple) -> tuple[Graph, Any]:
         i not in mutated and args[i].untyped_storage().data_ptr() not in shared for i in moved
     ):
         return graph, outputs
-    pick_written, increment = _picker(written), torch._C._increment_version
+    pick_written = _picker(written)
 
     def direct(*args: Any) -> Any:
-        if torch.autograd.profiler._is_profiler_enabled:
+        if profiler_enabled():
             return graph(*args)
-        increment(pick_written(args))
+        increment_version(pick_written(args))
         return code(list(args))
 
     # as Dynamo calls its graphs: not traced, should a compiled frame reach the call
-    return torch._dynamo.disable(direct), outputs
-
-
-def versions(values: Sequence[Any]) -> list[int | None]:
-    """Each value's version counter; None for a number (old checkpoints' ``step``) and for an
-    inference tensor, which has none."""
-    return [v._version if isinstance(v, torch.Tensor) and not v.is_inference() else None for v in values]
+    return dynamo_disable(direct), outputs
 
 
 def _own_code(function: Callable, owner: Any) -> Callable:
@@ -391,6 +611,5 @@ def _metadata(values: Sequence[Any]) -> list[Any]:
 
 def _release_compiled(code: types.CodeType) -> None:
     """Free the graphs Dynamo compiled for ``code`` (its cache lives on the code object)."""
-    reset_code = getattr(torch._dynamo.eval_frame, "reset_code", None)
     if reset_code is not None:
         reset_code(code)

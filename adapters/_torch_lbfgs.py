@@ -16,7 +16,7 @@ import array_api_compat.torch
 import torch
 
 import agnostic_optim as ao
-from agnostic_optim import _backend
+from agnostic_optim import engine
 
 XP = array_api_compat.torch
 _HPARAMS = ("lr", "tolerance_grad", "tolerance_change")
@@ -107,12 +107,12 @@ class LBFGS(torch.optim.Optimizer):
         """The core state from the entries kept in ``self.state`` (hyperparameters are set from
         the group by the caller)."""
         first = self._params[0]
-        dtype = _backend.scalar_dtype(XP, first)
+        dtype = engine.scalar_dtype(XP, first)
         entries = {
             name: torch.tensor(value, dtype=torch.int32, device=first.device) if name in _COUNTERS else value
             for name, value in saved.items()
         }
-        hparams = {k: _backend.scalar(XP, 0.0, dtype, first.device) for k in _HPARAMS}
+        hparams = {k: torch.zeros((), dtype=dtype, device=first.device) for k in _HPARAMS}
         return ao.LBFGSState(hparams=hparams, scheduled={}, **entries)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import array_api_compat.torch
 import torch
 
 from agnostic_optim import hparams as hp
+from agnostic_optim.adapters._torch_optimizer import TorchOptimizer
 from agnostic_optim.wrappers import lookahead_sync, sam_grad_norm, sam_perturbation
 
 XP = array_api_compat.torch
@@ -26,8 +27,6 @@ def _base_for(base_optimizer: Any, param_groups: list[dict[str, Any]], kwargs: d
     (or its registry name) run by ``TorchOptimizer``."""
     if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
         return base_optimizer(param_groups, **kwargs)
-    from agnostic_optim.adapters.torch import TorchOptimizer  # (adapters.torch imports this module)
-
     return TorchOptimizer(param_groups, base_optimizer, **kwargs)
 
 

@@ -36,7 +36,7 @@ try:
 except ImportError:  # NumPy 1.x
     from numpy import byte_bounds
 
-from agnostic_optim import _backend, checkpoint, chunking, engine, trees
+from agnostic_optim import checkpoint, chunking, engine, trees
 from agnostic_optim.adapters import _chunk_program
 
 __all__ = ["ArrayOptimizer"]
@@ -132,7 +132,7 @@ class ArrayOptimizer:
             return _StepLayout(leaves, size, chunks, None)
         groups = None
         if size > 0 and self._program is not None:
-            groups = engine.leaf_groups(chunks.params, chunks.buffers, None, self._program)
+            groups = engine.leaf_groups(chunks.params, chunks.buffers, None, batched=True)
         self._layout = _StepLayout(leaves, size, chunks, groups)
         return self._layout
 
@@ -199,7 +199,7 @@ class ArrayOptimizer:
 
 
 def _check_writeable(leaf: Any) -> None:
-    if _backend.is_lazy(leaf) or not hasattr(leaf, "__setitem__"):
+    if array_api_compat.is_lazy_array(leaf) or not hasattr(leaf, "__setitem__"):
         raise TypeError(
             f"ArrayOptimizer updates arrays in place, and {type(leaf).__module__}.{type(leaf).__name__} "
             "arrays are immutable; use the functional API (opt.init / opt.step) or "

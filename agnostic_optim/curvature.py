@@ -140,6 +140,11 @@ def adahessian(
 # ----------------------------------------------------------------------------- Sophia
 
 
+def sophia_hessian_update(hessian: Array, estimate: Array, beta2: Array, one_minus_beta2: Array) -> Array:
+    """Sophia's curvature EMA, ``h <- β2 h + (1 - β2) estimate`` (SophiaG's ``update_hessian``)."""
+    return blocks.ema(hessian, estimate, beta2, one_minus_beta2)
+
+
 @register(
     "curvature-aware",
     inputs={
@@ -197,7 +202,7 @@ def sophia(
     def update(xp, g, p, bufs, s, hessian_diag=None):
         hessian = bufs["hessian"]
         if hessian_diag is not None:
-            hessian = blocks.ema(hessian, hessian_diag, s.beta2, s.one_minus_beta2)
+            hessian = sophia_hessian_update(hessian, hessian_diag, s.beta2, s.one_minus_beta2)
         if use_decay:
             p = blocks.decoupled_weight_decay(p, s.lr_weight_decay)
         exp_avg = blocks.ema(bufs["exp_avg"], g, s.beta1, s.one_minus_beta1)

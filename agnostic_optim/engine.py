@@ -7,6 +7,14 @@ in float64, and a per-leaf update written with array-API operations -- and turne
 ``Optimizer`` (or a gradient ``Transform``) by :func:`build`. The engine owns everything the
 rules share: tree walking, input validation, hyperparameters as data, schedules, scalar
 precision and casting, ``maximize``, and the step count.
+
+Adapters that execute a rule themselves (the torch adapter's executors, the NumPy adapter's
+in-place steps) use the engine through the executor contract only, the second half of
+``__all__``: initialise a rule's state (:func:`init_rule_state`, :func:`buffer_names`), resolve
+its mask (:func:`resolve_mask`), run the scalar half of a step (:func:`prepare_step`, in
+:func:`scalar_dtype`), cast its scalars per leaf (:class:`ScalarCaster`) and run the array
+half (:func:`update_leaves`) leaf by leaf or over the :func:`leaf_groups` a :class:`Batching`
+packs. How leaves are cut and blocked for the cache is the executor's business.
 """
 
 from __future__ import annotations
@@ -21,8 +29,41 @@ from agnostic_optim import _backend, trees
 from agnostic_optim import hparams as hp
 from agnostic_optim.precision import Compensation, Precision
 
+# The names adapters' executors may use (see the module docstring); the test suite checks that
+# no adapter reaches past them into the engine.
+EXECUTOR_CONTRACT = (
+    "Batching",
+    "OptimizerState",
+    "Rule",
+    "ScalarCaster",
+    "Scalars",
+    "StepScalars",
+    "apply_rule",
+    "buffer_names",
+    "flatten_step_inputs",
+    "init_rule_state",
+    "leaf_groups",
+    "prepare_step",
+    "resolve_mask",
+    "scalar_dtype",
+    "update_leaves",
+)
+__all__ = [
+    "EXECUTOR_CONTRACT",
+    "Optimizer",
+    "StepContext",
+    "Transform",
+    "build",
+    "build_transform",
+    "mixed_precision",
+    "zeros_buffer",
+    *EXECUTOR_CONTRACT,
+]
+
 PyTree = Any
 Array = Any
+
+scalar_dtype = _backend.scalar_dtype  # (the dtype a step's scalar arithmetic runs in)
 
 
 class OptimizerState(NamedTuple):
@@ -236,34 +277,36 @@ def buffer_names(rule: Rule) -> tuple[str, ...]:
 
 
 class Batching(Protocol):
-    """Packs several leaves into one operand the rule can run on (see :func:`apply_rule`)."""
+    """How an executor runs a rule once over several leaves (see :func:`update_leaves`).
+
+    ``pack`` turns a group's leaves into one operand of the namespace ``xp`` (the torch
+    adapter's ``TensorList``, the NumPy adapter's recorded symbols); the rule runs on the packed
+    operands, and ``store`` writes each result into its leaves in place, given as
+    ``(destination leaves, packed value)`` pairs (the new params, then each buffer), so that the
+    batching can evaluate values straight into their destinations.
+    """
 
     xp: Any  # the namespace of packed operands
-    block_elements: int | None  # most elements per packed group (cache blocking), None: no limit
 
     def pack(self, arrays: list[Array]) -> Any: ...
 
-    def unpack(self, packed: Any) -> list[Array]: ...
-
-    # Optional: ``store(pairs)`` writes a group's results in place, given as
-    # ``(destination leaves, packed value)`` pairs (the new params, then each buffer); in-place
-    # steps use it instead of a ``destination[...] = value`` per leaf, so that the batching can
-    # evaluate values straight into their destinations.
+    def store(self, pairs: list[tuple[list[Array], Any]]) -> None: ...
 
 
 def leaf_groups(
     params: list[Array],
     buffers: Mapping[str, list[Array]],
     flags: list[bool] | None,
-    batching: Batching | None,
+    *,
+    batched: bool,
+    block_elements: int | None = None,
 ) -> list[Sequence[int]]:
-    """Indices of leaves that run together: singletons, or same dtype/device/mask flag when
-    batching, cut into blocks of at most ``batching.block_elements`` elements (a contiguous
-    block as a ``range``)."""
-    if batching is None:
+    """Indices of leaves that run together: singletons unless ``batched``; else leaves of the
+    same dtype, device, buffer dtypes and mask flag, cut into blocks of at most
+    ``block_elements`` elements (None: no limit; a contiguous block as a ``range``)."""
+    if not batched:
         return [[i] for i in range(len(params))]
     groups: dict[Any, list[list[int]]] = {}
-    limit = getattr(batching, "block_elements", None)
     sizes: dict[Any, int] = {}
     buffer_dtypes = zip(*([leaf.dtype for leaf in leaves] for leaves in buffers.values()))
     for i, (p, dtypes) in enumerate(itertools.zip_longest(params, buffer_dtypes, fillvalue=())):
@@ -275,7 +318,7 @@ def leaf_groups(
         )
         size = math.prod(p.shape)
         blocks = groups.setdefault(key, [[]])
-        if limit is not None and blocks[-1] and sizes[key] + size > limit:
+        if block_elements is not None and blocks[-1] and sizes[key] + size > block_elements:
             blocks.append([])
             sizes[key] = 0
         blocks[-1].append(i)
@@ -305,12 +348,6 @@ def _store(xp: Any, destination: Array, value: Array, in_place: bool) -> Array:
         return _as_array(xp, value)
     destination[...] = value
     return destination
-
-
-def _packers(batching: Batching | None, xp: Any) -> tuple[Callable, Callable, Any]:
-    if batching is None:
-        return (lambda arrays: arrays[0]), (lambda packed: [packed]), xp
-    return batching.pack, batching.unpack, batching.xp
 
 
 def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
@@ -400,17 +437,27 @@ def update_leaves(
     """The array half of a step: run ``rule.update`` over every leaf (or batched group).
 
     ``scalars_for(leaf, compute_dtype)`` gives the step's scalars cast for a leaf. Returns the
-    new params (or gradients, for a transform) and the new buffers, leaf by leaf. ``groups``
-    (from :func:`leaf_groups`) may be passed by a caller that keeps them from step to step.
+    new params (or gradients, for a transform) and the new buffers, leaf by leaf.
+
+    Without ``batching`` the rule runs once per leaf (``groups``, if given, must be
+    singletons); ``in_place=True`` (for namespaces with writeable arrays) then writes each
+    leaf's new param and buffers into the given arrays (``x[...] = new``) as soon as that leaf
+    is done, while its data is still in cache, and returns those same arrays. With
+    ``batching`` (always in place) the rule runs once per group of ``groups`` (default: every
+    leaf of one dtype, device and mask flag, from :func:`leaf_groups`) on packed operands, and
+    ``batching.store`` writes the results.
     """
+    if batching is not None and not in_place:
+        raise ValueError("a batched step stores its results in place: pass in_place=True")
     leaf_inputs = leaf_inputs or {}
     names = buffer_names(rule)
     precision, extra_name = rule.precision, rule.precision.extra_buffer
-    pack, unpack, uxp = _packers(batching, xp)
+    uxp = xp if batching is None else batching.xp
+    pack = (lambda arrays: arrays[0]) if batching is None else batching.pack
     new_buffers: dict[str, list[Array]] = {name: [None] * len(param_leaves) for name in names}
     outputs: list[Array] = [None] * len(param_leaves)
     if groups is None:
-        groups = leaf_groups(param_leaves, buffer_leaves, flags, batching)
+        groups = leaf_groups(param_leaves, buffer_leaves, flags, batched=batching is not None)
     for group in groups:
         first = param_leaves[group[0]]
         dtype = precision.compute_dtype(xp, first)
@@ -447,22 +494,20 @@ def update_leaves(
         working = precision.working_param(uxp, gather(param_leaves, convert=False), extra, dtype)
         bufs, out = rule.update(uxp, g, working, bufs, s, **kwargs)
         out, extra = precision.commit_param(uxp, out, first.dtype, extra)
-        packed = {"": out}
+        results = {"": out}
         for name in rule.buffers:
-            packed[name] = _backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype)
+            results[name] = _backend.astype(uxp, bufs[name], buffer_leaves[name][group[0]].dtype)
         if extra_name:
-            packed[extra_name] = extra
-        store_all = getattr(batching, "store", None) if in_place else None
-        if store_all is not None:  # the batching writes the whole group at once
+            results[extra_name] = extra
+        if batching is not None:  # the batching writes the whole group at once
             destinations = {"": param_leaves, **buffer_leaves}
-            store_all([(_take(destinations[k], group), v) for k, v in packed.items()])
+            batching.store([(_take(destinations[k], group), v) for k, v in results.items()])
             continue
-        results = {k: unpack(v) for k, v in packed.items()}
-        for position, i in enumerate(group):
-            outputs[i] = _store(xp, param_leaves[i], results[""][position], in_place)
-            for name in names:
-                new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name][position], in_place)
-    if in_place and getattr(batching, "store", None) is not None:  # every value went to its leaf
+        (i,) = group
+        outputs[i] = _store(xp, param_leaves[i], results[""], in_place)
+        for name in names:
+            new_buffers[name][i] = _store(xp, buffer_leaves[name][i], results[name], in_place)
+    if batching is not None:  # every value went to its leaf
         return list(param_leaves), {name: list(buffer_leaves[name]) for name in names}
     return outputs, new_buffers
 
@@ -473,19 +518,13 @@ def apply_rule(
     grads: PyTree,
     params: PyTree,
     inputs: Mapping[str, Any],
-    batching: Batching | None = None,
     in_place: bool = False,
 ) -> tuple[OptimizerState, PyTree]:
     """One step of ``rule``: returns the new state and the per-leaf outputs as a tree.
 
-    Validates every input first, then runs :func:`prepare_step` and :func:`update_leaves`.
-    Without ``batching`` the rule runs once per leaf. With it, leaves that share dtypes, device
-    and mask flag are packed into one batched operand and the rule runs once per group (the torch
-    adapter's eager path packs them into lists that dispatch to fused ``_foreach`` kernels).
-
-    ``in_place=True`` (for namespaces with writeable arrays) writes each leaf's new parameter and
-    buffers into the given arrays (``x[...] = new``) as soon as that leaf is done, while its
-    data is still in cache, and returns those same arrays.
+    Validates every input first, then runs :func:`prepare_step` and :func:`update_leaves`, once
+    per leaf. ``in_place=True`` (for namespaces with writeable arrays) writes each leaf's new
+    parameter and buffers into the given arrays (see :func:`update_leaves`).
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"{rule.name}: expected the state made by its init, got {type(state).__name__}")
@@ -520,8 +559,7 @@ def apply_rule(
         buffer_leaves,
         leaf_inputs,
         flags,
-        batching,
-        in_place,
+        in_place=in_place,
     )
     new_state = OptimizerState(
         count=step.count,

@@ -39,6 +39,8 @@ from agnostic_optim.conformance.compare import relative_error
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 ours = pytest.importorskip("agnostic_optim.adapters.torch", reason="the torch adapter needs torch")
+_torch_eager = pytest.importorskip("agnostic_optim.adapters._torch_eager")
+_torch_plan = pytest.importorskip("agnostic_optim.adapters._torch_plan")
 nn = torch.nn
 F = torch.nn.functional
 
@@ -439,7 +441,8 @@ def test_checkpoint_of_torch_optim_resumes_in_ours(torch64, name: str) -> None:
     resumed = Run.resume(ours, name, checkpoint)
     if name != "SGD":  # torch.optim's one tensor per counter become elements of one per group
         for group in resumed.opt.param_groups:
-            assert ours._counters_base([resumed.opt.state[p]["step"] for p in group["params"]]) is not None
+            steps = [resumed.opt.state[p]["step"] for p in group["params"]]
+            assert _torch_plan.counters_base(steps) is not None
     resumed.train(STEPS - RESUME_AT)
     err = error(resumed.model, uninterrupted.model)
     assert err <= TOL["float64"], f"{name}: ours resumed from torch.optim differs by {err:.3e}"
@@ -583,7 +586,7 @@ def dynamo_calls(opt: ours.TorchOptimizer) -> list[int]:
     """Count the steps that go through Dynamo (its guards, a compile) rather than straight
     into the graph compiled for the layout: one counter per compiled rule."""
     counts = []
-    for compiled in opt._compiled.values():
+    for compiled in opt._executor()._steps.values():
         through_dynamo, count = compiled._dynamo, [0]
 
         def counting(*args: Any, through_dynamo: Callable = through_dynamo, count: list = count) -> Any:
@@ -1111,8 +1114,8 @@ def test_user_edits_between_steps_are_honoured_like_torch(torch64, monkeypatch, 
     step counts; the compiled path's graphs, called directly) from step to step; every edit
     above must still reach the step, exactly as in torch.optim (NAdam also keeps a running
     scalar per param)."""
-    monkeypatch.setattr(ours, "CHUNK_ELEMENTS", 16)  # cut the 64-element weights into chunks
-    monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(_torch_eager, "CHUNK_ELEMENTS", 16)  # cut the 64-element weights into chunks
+    monkeypatch.setattr(_torch_eager, "BLOCK_ELEMENTS", 40)
     data = make_data(torch.float64)
     base = make_mlp(torch.float64)
     runs = []
@@ -1162,7 +1165,7 @@ def test_step_counter_edits_reach_the_step_like_torch(torch64, edit: str, compil
         assert error(runs[0][0], runs[1][0]) <= TOL["float64"], f"step {step + 1}"
         if step == 2:  # the path under test
             steps = [runs[0][1].state[p]["step"] for p in runs[0][0].parameters()]
-            assert ours._counters_base(steps) is not None
+            assert _torch_plan.counters_base(steps) is not None
     for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
         assert float(runs[0][1].state[p]["step"]) == float(runs[1][1].state[q]["step"])
 
@@ -1420,7 +1423,7 @@ def test_eager_blocks_over_interleaved_dtypes_match_torch(monkeypatch, name: str
     """One group whose float32 and float64 params alternate, in blocks of a few leaves: the
     eager path's leaf groups are then index lists (one dtype each), not contiguous ranges, and
     each param still follows torch.optim's own foreach step (which groups by dtype too)."""
-    monkeypatch.setattr(ours, "BLOCK_ELEMENTS", 30)  # two 12-element leaves a block
+    monkeypatch.setattr(_torch_eager, "BLOCK_ELEMENTS", 30)  # two 12-element leaves a block
     runs = []
     for module in (ours, torch.optim):
         generator = torch.Generator().manual_seed(0)

@@ -1,0 +1,427 @@
+"""The torch adapter's front: :class:`TorchOptimizer`, a ``torch.optim.Optimizer`` over any rule.
+
+The front does what torch.optim's base class and constructors do -- param groups, options and
+their validation, the hyperparameters of each group as 0-d tensors, ``state_dict`` and
+``load_state_dict`` in torch.optim's format -- and hands each group's step to an executor
+through the step plan (``_torch_plan``). :meth:`TorchOptimizer._executor` is the one dispatch
+point, as torch's ``adam()`` picks its for-loop, foreach or fused implementation:
+
+* the eager executor (``_torch_eager``, the default): ``_foreach`` kernels, no compilation;
+* the compiled executor (``_torch_compiled``, ``compile=True``): the whole step as two graphs
+  compiled by ``torch.compile``; where the running torch lacks a private API it needs
+  (``_torch_private``), the eager executor runs instead, after one warning.
+
+Hyperparameters are read from ``group[...]`` every step, so ``torch.optim.lr_scheduler`` (and
+OneCycleLR cycling ``betas``/``momentum``) and manual edits just work.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import operator
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+import agnostic_optim as ao
+from agnostic_optim import engine
+from agnostic_optim.adapters._torch_compiled import CompiledExecutor
+from agnostic_optim.adapters._torch_eager import EagerExecutor
+from agnostic_optim.adapters._torch_plan import (
+    XP,
+    Executor,
+    Plan,
+    Subset,
+    build_plan,
+    is_host_counter,
+    outside_frames,
+    refuse_sparse,
+    shared_counters,
+    subset_inputs,
+)
+from agnostic_optim.adapters._torch_private import COMPILED_UNAVAILABLE, dict_version, set_grad_enabled
+from agnostic_optim.hparams import is_scheduled
+
+# The torch class of every registered factory, by name (``adapters.torch`` defines them; tests
+# check that none is missing): torch's names where torch has the optimizer.
+CLASS_NAMES = {
+    "sgd": "SGD",
+    "adagrad": "Adagrad",
+    "rmsprop": "RMSprop",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "amsgrad": "AMSGrad",
+    "radam": "RAdam",
+    "nadam": "NAdam",
+    "adan": "Adan",
+    "lion": "Lion",
+    "lars": "LARS",
+    "lamb": "LAMB",
+    "adahessian": "AdaHessian",
+    "sophia": "Sophia",
+    "shampoo": "Shampoo",
+    "sam": "SAM",
+    "lookahead": "Lookahead",
+    "kfac": "KFAC",
+    "lbfgs": "LBFGS",
+}
+
+# torch.optim constructor flags that change how torch runs, not what it computes.
+TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
+PRECISION_OPTIONS = ("state_dtype", "compensation")
+_GRAD = operator.attrgetter("grad")
+
+
+def resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
+    """A factory, or the factory registered under a name."""
+    if isinstance(factory, str):
+        entries = ao.registry()
+        if factory not in entries:
+            raise ValueError(f"unknown optimizer {factory!r}; registered: {sorted(entries)}")
+        return entries[factory].factory
+    if not callable(factory):
+        raise TypeError(f"factory must be an agnostic_optim factory or its name, got {factory!r}")
+    return factory
+
+
+def factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
+    """A factory's keyword arguments and their defaults (the one place defaults come from)."""
+    parameters = inspect.signature(factory).parameters.items()
+    return {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _structure_key(options: dict[str, Any]) -> tuple:
+    """What decides a rule's structure: non-numeric options, and which numbers are zero."""
+
+    def shape(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(shape(v) for v in value)
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)):
+            return "zero" if value == 0 else "number"
+        if isinstance(value, torch.Tensor):
+            return "tensor"
+        return ("object", id(value))
+
+    return tuple((name, shape(value)) for name, value in sorted(options.items()))
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running any agnostic_optim factory.
+
+    Args:
+      params: an iterable of tensors or of param-group dicts, as for torch.optim.
+      factory: an ``agnostic_optim`` factory (``ao.adamw``) or its registry name (``"adamw"``).
+      compile: run the step through ``torch.compile`` (see ``_torch_compiled``): the first step
+        of a layout compiles (seconds to minutes on CPU), later ones are fused loops.
+      state_dtype, compensation: mixed precision, see :func:`agnostic_optim.mixed_precision`.
+      **hparams: the factory's hyperparameters and options; they become the defaults of every
+        param group. torch.optim's ``foreach``/``fused``/``capturable`` are accepted and ignored
+        (they choose torch's execution, not its numbers).
+
+    LARS/LAMB's ``mask=`` applies per param of a group, resolved as the functional API resolves
+    it over the list of the group's params: a list of bools, or ``mask(path, param)`` with
+    ``path == (index,)`` (param groups do the same job).
+    """
+
+    _step_supports_amp_scaling = False
+    _implicit_step = False  # see _keeps_step
+    _own_inputs: tuple[str, ...] = ()  # the rule's step inputs the class makes (AdaHessian, Sophia)
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        factory: Callable[..., ao.Optimizer] | str,
+        *,
+        compile: bool = False,
+        **hparams: Any,
+    ):
+        self._factory = resolve_factory(factory)
+        wrapper = next((e for e in ao.registry().values() if e.factory is self._factory and e.wraps), None)
+        if wrapper is not None:
+            raise TypeError(
+                f"TorchOptimizer cannot run {wrapper.name}: it wraps a base optimizer; use "
+                f"agnostic_optim.adapters.torch.{CLASS_NAMES[wrapper.name]}"
+            )
+        defaults = factory_defaults(self._factory)
+        self._factory_options = tuple(defaults.items())  # (read every step: kept, not re-inspected)
+        for flag in TORCH_EXECUTION_FLAGS:
+            hparams.pop(flag, None)
+        if hparams.pop("differentiable", False):
+            raise NotImplementedError("differentiable=True (autograd through the step) is not supported")
+        unknown = set(hparams) - set(defaults) - set(PRECISION_OPTIONS)
+        if unknown:
+            raise TypeError(f"{self._factory.__name__} got unexpected hyperparameters {sorted(unknown)}")
+        defaults.update(state_dtype=None, compensation=None)
+        defaults.update(hparams)
+        # Arguments whose default depends on the convention get their value now, so that every
+        # group holds numbers (as torch.optim's groups do).
+        optax_form = defaults.get("convention") == "optax"
+        for name, (torch_default, optax_default) in getattr(self._factory, "convention_defaults", {}).items():
+            if defaults[name] is None:
+                defaults[name] = optax_default if optax_form else torch_default
+        if compile and COMPILED_UNAVAILABLE is not None:
+            warnings.warn(
+                f"compile=True runs the eager step: the compiled step needs private torch APIs and "
+                f"{COMPILED_UNAVAILABLE} (the numbers are the same)",
+                UserWarning,
+                stacklevel=outside_frames(),
+            )
+            compile = False
+        self._compile = compile
+        self._rules: dict[tuple, ao.Optimizer] = {}
+        self._executors: dict[str, Executor] = {}
+        self._hparam_tensors: dict[tuple, dict[str, Any]] = {}
+        self._plans: dict[int, Plan] = {}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._optimizer_for(group)  # validate every group's hyperparameters now
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_factory": self._factory, "_compile": self._compile}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, executors, plans.
+        ``load_state_dict`` also comes through here: it keeps the rules and executors (their
+        compiled steps), so a resumed run does not compile again."""
+        super().__setstate__(state)
+        self._factory_options = tuple(factory_defaults(self._factory).items())
+        if not hasattr(self, "_rules"):  # a copy being made
+            self._rules, self._executors = {}, {}
+        self._hparam_tensors, self._plans = {}, {}
+
+    # ---------------------------------------------------------------- building the core rule
+
+    def _options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {name: group.get(name, default) for name, default in self._factory_options}
+
+    def _optimizer_for(self, group: dict[str, Any]) -> ao.Optimizer:
+        options = self._options(group)
+        precision = {k: group.get(k) for k in PRECISION_OPTIONS}
+        key = (_structure_key(options), tuple(precision.items()))
+        if key not in self._rules:
+            opt = self._factory(**{k: _plain(v) for k, v in options.items()})
+            if opt.rule is None or set(opt.inputs) - set(self._own_inputs):
+                name = getattr(self._factory, "__name__", repr(self._factory))
+                special = CLASS_NAMES.get(name)
+                use = f": use agnostic_optim.adapters.torch.{special}" if special else ""
+                what = f"takes step inputs {list(opt.inputs)}" if opt.inputs else "is not an update rule"
+                raise TypeError(f"TorchOptimizer cannot run {name}: it {what}{use}")
+            if any(v is not None for v in precision.values()):
+                opt = ao.mixed_precision(opt, **precision)
+            self._rules[key] = opt
+        return self._rules[key]
+
+    def _hparams(
+        self, group: dict[str, Any], rule: engine.Rule, like: torch.Tensor
+    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """(constant, scheduled) hyperparameters as 0-d float64 tensors on ``like``'s device, and
+        whether they are all this optimizer's (no tensor given in the group).
+
+        The tensors are cached per group and refilled in place when a value changes, so CUDA
+        sees no host copies. Scheduled entries only carry dtype and device: the core evaluates
+        the schedule on the step count.
+        """
+        dtype = engine.scalar_dtype(XP, like)
+        cache = self._hparam_tensors.setdefault((id(group), like.device), {})
+        values, scheduled = {}, {}
+        for name, spec in rule.hparams.items():
+            if is_scheduled(spec):
+                scheduled[name] = _placeholder(spec, dtype, like.device)
+                continue
+            value = group[name]
+            if isinstance(value, (tuple, list)):
+                values[name] = tuple(
+                    _scalar_tensor(cache, f"{name}[{i}]", v, dtype, like) for i, v in enumerate(value)
+                )
+            else:
+                values[name] = _scalar_tensor(cache, name, value, dtype, like)
+        # numbers (and tuples of them) only: a tensor or a list can change with no dict change
+        own = all(
+            _is_number(v) or (isinstance(v, tuple) and all(map(_is_number, v)))
+            for v in map(group.get, values)
+        )
+        return values, scheduled, own
+
+    # ---------------------------------------------------------------- the step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns ``closure()``'s loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # grad mode off, as ``@torch.no_grad()`` would set it, without the decorator's objects
+        # (~15 us a step once the step's kernels have streamed the caches out, measured)
+        grad_enabled = torch.is_grad_enabled()
+        set_grad_enabled(False)
+        try:
+            self._step_groups(self._step_inputs())
+        finally:
+            set_grad_enabled(grad_enabled)
+        return loss
+
+    def _executor(self) -> Executor:
+        """The one dispatch point: the executor that runs this optimizer's steps."""
+        kind = "compiled" if self._compile else "eager"
+        executor = self._executors.get(kind)
+        if executor is None:
+            executor = self._executors[kind] = (
+                CompiledExecutor(type(self).__name__) if self._compile else EagerExecutor()
+            )
+        return executor
+
+    def _step_groups(self, inputs: dict[str, dict[int, torch.Tensor]]) -> None:
+        """Step every param group (grad mode off), with the rule's step inputs this step."""
+        executor = self._executor()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = group["params"]
+            grads = list(map(_GRAD, params))
+            present = list(map(operator.is_not, grads, itertools.repeat(None)))
+            if not all(present):
+                params = list(itertools.compress(params, present))
+                grads = list(itertools.compress(grads, present))
+            if not params:
+                continue
+            if not self._compile:  # (the compiled step checks where its graph does not take them)
+                refuse_sparse(type(self).__name__, grads)
+            plan = self._plans.get(id(group))
+            # a group as the plan last saw it (its dict's version tag) keeps its options: its rule
+            version = dict_version(group) if dict_version is not None else None
+            reuse = plan is not None and version is not None and plan.group_version == version
+            rule = plan.rule if reuse else self._optimizer_for(group).rule
+            rebuilt = plan is None or not plan.matches(group, rule, params, self.state, executor)
+            if rebuilt:
+                if self._compile:  # (before the new plan creates any state)
+                    refuse_sparse(type(self).__name__, grads)
+                plan = self._plan(group, rule, params, executor)
+            for subset in plan.subsets:
+                subset_grads = grads if len(plan.subsets) == 1 else list(map(_GRAD, subset.params))
+                self._step_subset(executor, group, version, rule, subset, inputs, subset_grads)
+            if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
+                plan.drop_steps()
+            # (the compiled step leaves the state dicts as they were)
+            # (a list among the options, a mask or betas, can change in place with no dict change;
+            # a reused rule was recorded with the group's version: its options were all fixed)
+            fixed = reuse or not any(
+                isinstance(group.get(name), (list, dict, set)) for name, _ in self._factory_options
+            )
+            plan.record_history(version if fixed else None, dicts=rebuilt or not self._compile)
+
+    def _step_inputs(self) -> dict[str, dict[int, torch.Tensor]]:
+        """The rule's per-param step inputs this step (``hessian_diag``...): name -> id(param) ->
+        tensor. Plain optimizers take none; AdaHessian makes its Hessian estimates from autograd."""
+        return {}
+
+    def _plan(
+        self, group: dict[str, Any], rule: engine.Rule, params: list[torch.Tensor], executor: Executor
+    ) -> Plan:
+        """Initialise missing state and lay the group's step out (kept while it matches)."""
+        plan = build_plan(group, rule, params, self.state, executor)
+        if plan.cacheable:
+            self._plans[id(group)] = plan
+        return plan
+
+    def _keeps_step(self, rule: engine.Rule) -> bool:
+        """Whether per-param state holds ``step``. torch.optim.SGD keeps none (a momentum buffer
+        is present from the second step on); ours does the same unless a schedule needs the count."""
+        return not self._implicit_step or bool(rule.scalars) or any(map(is_scheduled, rule.hparams.values()))
+
+    def _step_subset(
+        self,
+        executor: Executor,
+        group: dict[str, Any],
+        version: int | None,
+        rule: engine.Rule,
+        subset: Subset,
+        inputs: dict[str, dict[int, torch.Tensor]],
+        grads: list[torch.Tensor],
+    ) -> None:
+        """One core step for params that share a step count. ``version``: the group dict's
+        version tag (None: unknown)."""
+        leaf_inputs = subset_inputs(rule, subset.params, inputs)
+        if version is not None and subset.hparams_version == version:
+            hparams, scheduled = subset.hparams  # the cached tensors still hold the group's values
+        else:
+            hparams, scheduled, cacheable = self._hparams(group, rule, subset.params[0])
+            subset.hparams, subset.hparams_version = (hparams, scheduled), version if cacheable else None
+        keeps_step = self._keeps_step(rule)
+        if not executor.step(rule, subset, hparams, scheduled, grads, leaf_inputs, keeps_step):
+            subset.advance_steps()
+        subset.count += 1
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, with each ``step`` counter its own tensor: the state's are
+        elements of one shared tensor, which ``pickle`` would copy whole for every param
+        (``torch.distributed``'s object collectives pickle). Other tensors are the live state,
+        as in torch.optim."""
+        packed = super().state_dict()
+        for index, entries in packed["state"].items():
+            step = entries.get("step")
+            if isinstance(step, torch.Tensor) and step._base is not None:
+                packed["state"][index] = {**entries, "step": step.clone()}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict``; in groups with a ``state_dtype`` or compensation the
+        floating state keeps its saved dtype (torch would cast it to the param's, e.g. bf16).
+
+        The ``step`` counters' values are copied into the group's shared counter tensor (see
+        ``_torch_plan.shared_counters``): unlike torch.optim, the optimizer does not keep the
+        given dict's counter tensors, so a dict loaded in memory and still stepped elsewhere does
+        not advance this optimizer's counts. Every other tensor is taken as torch.optim takes it."""
+        super().load_state_dict(state_dict)
+        self._plans.clear()
+        for group in self.param_groups:  # the loaded counters' values move into one shared tensor
+            states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
+            steps = [s["step"] for s in states]
+            if steps and all(is_host_counter(t) and t.dtype == steps[0].dtype for t in steps):
+                values = torch.stack(steps).tolist()
+                for s, step in zip(states, shared_counters(values, steps[0].dtype, steps[0].device)):
+                    s["step"] = step
+        saved = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if group.get("state_dtype") is None and group.get("compensation") is None:
+                continue
+            for p, index in zip(group["params"], saved_group["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _placeholder(spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Zeros shaped like a scheduled hyperparameter (a scalar or a tuple of scalars)."""
+    if isinstance(spec, (tuple, list)):
+        return tuple(_placeholder(v, dtype, device) for v in spec)
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _plain(value: Any) -> Any:
+    """A Python number for 0-d tensors (factories validate numbers), else the value."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dtype, like: torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype=dtype, device=like.device)
+    entry = cache.get(key)
+    if entry is None:
+        entry = cache[key] = [torch.tensor(float(value), dtype=dtype, device=like.device), float(value)]
+    elif entry[1] != value:
+        entry[0].fill_(float(value))
+        entry[1] = float(value)
+    return entry[0]
