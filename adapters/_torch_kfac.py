@@ -30,10 +30,14 @@ import torch
 
 import agnostic_optim as ao
 from agnostic_optim import checkpoint
+from agnostic_optim.adapters._torch_optimizer import bind_arguments, class_signature
 
 _NUMERIC = ("lr", "momentum", "stat_decay", "damping", "kl_clip", "weight_decay")
 
 LayerKey = tuple[str]
+# the core's arguments and defaults but ``layers`` (found in the model) and ``weight_layout``
+# (torch's ``(out, in)``)
+_SIGNATURE = class_signature(ao.kfac, first="model", exclude=("layers", "weight_layout"))
 
 
 class KFAC(torch.optim.Optimizer):
@@ -71,38 +75,19 @@ class KFAC(torch.optim.Optimizer):
 
     acc_stats: bool  # record statistics from the backward passes run while this is true
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float = 0.001,
-        momentum: float = 0.9,
-        stat_decay: float = 0.95,
-        damping: float = 0.001,
-        kl_clip: float = 0.001,
-        weight_decay: float = 0.0,
-        cov_update_frequency: int = 10,
-        inverse_update_frequency: int = 100,
-        batch_averaged: bool = True,
-    ) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``KFAC(model, lr, momentum, ...)``: see the signature (the core's defaults)."""
+        arguments = bind_arguments(_SIGNATURE, (self, *args), kwargs)
+        model = arguments.pop("model")
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("KFAC: the model has no trainable parameters")
-        defaults = dict(
-            lr=lr, momentum=momentum, stat_decay=stat_decay, damping=damping, kl_clip=kl_clip,
-            weight_decay=weight_decay,
-        )  # fmt: skip
         layers, modules = _linear_layers(model, {id(p): name for name, p in named})
-        opt = ao.kfac(
-            **defaults,
-            cov_update_frequency=cov_update_frequency,
-            inverse_update_frequency=inverse_update_frequency,
-            batch_averaged=batch_averaged,
-            layers=layers,
-        )
-        super().__init__([p for _, p in named], defaults)
+        opt = ao.kfac(**arguments, layers=layers)
+        super().__init__([p for _, p in named], {k: arguments[k] for k in _NUMERIC})
         self._names = [name for name, _ in named]
         self._opt = opt
-        self._cov_update_frequency = cov_update_frequency
+        self._cov_update_frequency = arguments["cov_update_frequency"]
         self._kfac_state = opt.init(self._params())
         self._steps = 0
         self._captured: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -110,6 +95,8 @@ class KFAC(torch.optim.Optimizer):
         ref = weakref.ref(self)
         handles = [module.register_forward_hook(_capture_hook(ref, key)) for key, module in modules.items()]
         self._hooks = weakref.finalize(self, _remove_handles, handles)
+
+    __init__.__signature__ = _SIGNATURE
 
     @property
     def stats_due(self) -> bool:

@@ -9,7 +9,7 @@ field of :class:`agnostic_optim.LBFGSState` with per-parameter values as lists o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch
@@ -17,11 +17,14 @@ import torch
 
 import agnostic_optim as ao
 from agnostic_optim import engine
+from agnostic_optim.adapters._torch_optimizer import bind_arguments, class_signature
+from agnostic_optim.quasi_newton import default_max_eval
 
 XP = array_api_compat.torch
 _HPARAMS = ("lr", "tolerance_grad", "tolerance_change")
 _OPTIONS = ("max_iter", "max_eval", "history_size", "line_search_fn")
 _COUNTERS = ("n_iter", "func_evals")  # Python ints in the torch state, as torch.optim keeps them
+_SIGNATURE = class_signature(ao.lbfgs, torch.optim.LBFGS)  # torch's order, the core's defaults
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -33,35 +36,20 @@ class LBFGS(torch.optim.Optimizer):
     whole state, keeping its dtypes.
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float | torch.Tensor = 1,
-        max_iter: int = 20,
-        max_eval: int | None = None,
-        tolerance_grad: float = 1e-7,
-        tolerance_change: float = 1e-9,
-        history_size: int = 100,
-        line_search_fn: str | None = None,
-    ):
+    def __init__(self, *args: Any, **kwargs: Any):
+        arguments = bind_arguments(_SIGNATURE, (self, *args), kwargs)
+        params, lr = arguments.pop("params"), arguments["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if max_eval is None:
-            max_eval = max_iter * 5 // 4
-        defaults = {
-            "lr": lr,
-            "max_iter": max_iter,
-            "max_eval": max_eval,
-            "tolerance_grad": tolerance_grad,
-            "tolerance_change": tolerance_change,
-            "history_size": history_size,
-            "line_search_fn": line_search_fn,
-        }
-        super().__init__(params, defaults)
+        if arguments["max_eval"] is None:  # (torch.optim.LBFGS keeps the number in its group)
+            arguments["max_eval"] = default_max_eval(arguments["max_iter"])
+        super().__init__(params, arguments)
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
         self._params: list[torch.Tensor] = self.param_groups[0]["params"]
         self._optimizer()  # validates the options now
+
+    __init__.__signature__ = _SIGNATURE  # (help(), IDEs and inspect see the real arguments)
 
     def _optimizer(self) -> ao.Optimizer:
         group = self.param_groups[0]

@@ -73,6 +73,7 @@ CLASS_NAMES = {
 TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 PRECISION_OPTIONS = ("state_dtype", "compensation")
 _GRAD = operator.attrgetter("grad")
+_P = inspect.Parameter
 
 
 def resolve_factory(factory: Callable[..., ao.Optimizer] | str) -> Callable[..., ao.Optimizer]:
@@ -91,6 +92,43 @@ def factory_defaults(factory: Callable[..., Any]) -> dict[str, Any]:
     """A factory's keyword arguments and their defaults (the one place defaults come from)."""
     parameters = inspect.signature(factory).parameters.items()
     return {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def class_signature(
+    factory: Callable[..., Any],
+    torch_class: type | None = None,
+    *,
+    first: str = "params",
+    exclude: tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> inspect.Signature:
+    """``(self, <first>, <hyperparameters>, *, <options>, <extra>)`` for a torch class running
+    ``factory``: the factory's arguments and defaults (never repeated by hand), positional in
+    torch's order where torch has the class, with torch's execution flags (accepted and
+    ignored) where torch has them; ``exclude``: factory arguments the class fills itself."""
+    defaults = {k: v for k, v in factory_defaults(factory).items() if k not in exclude}
+    torch_parameters = list(inspect.signature(torch_class).parameters.values())[1:] if torch_class else []
+    positional = [p.name for p in torch_parameters if p.kind is _P.POSITIONAL_OR_KEYWORD] or list(defaults)
+    flags = {
+        p.name: p.default for p in torch_parameters if p.name in (*TORCH_EXECUTION_FLAGS, "differentiable")
+    }
+    parameters = [_P("self", _P.POSITIONAL_ONLY), _P(first, _P.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        _P(name, _P.POSITIONAL_OR_KEYWORD, default=defaults[name] if name in defaults else flags[name])
+        for name in positional
+    ]
+    keywords = {name: value for name, value in {**defaults, **flags}.items() if name not in positional}
+    keywords.update(extra or {})
+    parameters += [_P(name, _P.KEYWORD_ONLY, default=value) for name, value in keywords.items()]
+    return inspect.Signature(parameters)
+
+
+def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``signature.bind(*args, **kwargs)`` with its defaults applied, without ``self`` (a
+    TypeError names a missing, duplicated or unknown argument, as Python's own call would)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "self"}
 
 
 def _structure_key(options: dict[str, Any]) -> tuple:

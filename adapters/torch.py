@@ -40,9 +40,9 @@ from agnostic_optim.adapters._torch_lbfgs import LBFGS
 from agnostic_optim.adapters._torch_optimizer import (
     CLASS_NAMES,
     PRECISION_OPTIONS,
-    TORCH_EXECUTION_FLAGS,
     TorchOptimizer,
-    factory_defaults,
+    bind_arguments,
+    class_signature,
 )
 from agnostic_optim.adapters._torch_plan import XP, initial_param_state, shared_counters, step_count
 from agnostic_optim.adapters._torch_wrappers import SAM, Lookahead
@@ -72,43 +72,18 @@ __all__ = [
     "TorchOptimizer",
 ]
 
-_P = inspect.Parameter
-
-
-def _signature(factory: Callable[..., Any], torch_class: type | None) -> inspect.Signature:
-    """``(self, params, <hyperparameters>, *, <options>, compile=False, ...)``: the factory's
-    arguments and defaults, positional in torch's order where torch has the class (with torch's
-    execution flags, accepted and ignored, where torch has them)."""
-    defaults = factory_defaults(factory)
-    torch_parameters = list(inspect.signature(torch_class).parameters.values())[1:] if torch_class else []
-    positional = [p.name for p in torch_parameters if p.kind is _P.POSITIONAL_OR_KEYWORD] or list(defaults)
-    flags = {
-        p.name: p.default for p in torch_parameters if p.name in (*TORCH_EXECUTION_FLAGS, "differentiable")
-    }
-
-    def default(name: str) -> Any:
-        return defaults[name] if name in defaults else flags[name]
-
-    parameters = [_P("self", _P.POSITIONAL_ONLY), _P("params", _P.POSITIONAL_OR_KEYWORD)]
-    parameters += [_P(name, _P.POSITIONAL_OR_KEYWORD, default=default(name)) for name in positional]
-    keywords = {name: value for name, value in defaults.items() if name not in positional}
-    keywords.update({name: value for name, value in flags.items() if name not in positional})
-    keywords.update(compile=False, **dict.fromkeys(PRECISION_OPTIONS))
-    parameters += [_P(name, _P.KEYWORD_ONLY, default=value) for name, value in keywords.items()]
-    return inspect.Signature(parameters)
-
 
 def _named_class(
     name: str, factory: Callable[..., ao.Optimizer], implicit_step: bool = False
 ) -> type[TorchOptimizer]:
-    """A TorchOptimizer subclass for one factory, with its real signature (see :func:`_signature`)."""
-    signature = _signature(factory, getattr(torch.optim, name, None))
+    """A TorchOptimizer subclass for one factory, with its real signature (positional arguments
+    in torch's order where torch has the class: see :func:`class_signature`)."""
+    extra = {"compile": False, **dict.fromkeys(PRECISION_OPTIONS)}
+    signature = class_signature(factory, getattr(torch.optim, name, None), extra=extra)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)  # (a TypeError names a wrong argument)
-        _, params, *_ = bound.arguments.values()
-        hparams = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
-        TorchOptimizer.__init__(self, params, factory, **hparams)
+        hparams = bind_arguments(signature, (self, *args), kwargs)
+        TorchOptimizer.__init__(self, hparams.pop("params"), factory, **hparams)
 
     __init__.__signature__ = signature  # (help(), IDEs and inspect see the real arguments)
     doc = f"``torch.optim.Optimizer`` running ``agnostic_optim.{factory.__name__}``.\n\n"

@@ -286,6 +286,11 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {low})")
 
 
+def default_max_eval(max_iter: int) -> int:
+    """L-BFGS's evaluation budget when ``max_eval`` is not given (torch.optim.LBFGS's)."""
+    return max_iter * 5 // 4
+
+
 @register(
     "curvature-aware",
     inputs={"value_and_grad_fn": "params -> (loss, grads): re-evaluates the objective"},
@@ -333,7 +338,7 @@ def lbfgs(
     _check_int("max_iter", max_iter, 1)
     _check_int("history_size", history_size, 1)
     if max_eval is None:
-        max_eval = max_iter * 5 // 4
+        max_eval = default_max_eval(max_iter)
     _check_int("max_eval", max_eval, 1)
     if line_search_fn not in _LINE_SEARCHES:
         raise ValueError(f"Invalid line_search_fn: {line_search_fn!r} (expected one of {_LINE_SEARCHES})")

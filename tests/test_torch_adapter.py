@@ -494,6 +494,38 @@ def test_every_registered_optimizer_has_a_class() -> None:
         assert f"{cls_name}(" in (pathlib.Path(__file__).parent / test_file).read_text(), name
 
 
+@pytest.mark.parametrize("name", sorted(set(RULE_CLASSES) | {"lbfgs", "kfac"}))
+def test_class_signatures_are_torchs_with_the_cores_defaults(name: str) -> None:
+    """``help(AdamW)`` and IDEs show the real arguments: torch.optim's positional order and
+    defaults where torch has the class (its execution flags included), the core factory's
+    defaults otherwise, and a call is bound as Python binds it."""
+    cls = ours.CLASS_FOR_FACTORY[name]
+    ours_parameters = inspect.signature(cls).parameters
+    factory = ao.registry()[name].factory
+    for key, parameter in inspect.signature(factory).parameters.items():
+        if key in ours_parameters:
+            assert ours_parameters[key].default == parameter.default, key
+    torch_class = getattr(torch.optim, cls.__name__, None)
+    if torch_class is None:
+        return
+    theirs = list(inspect.signature(torch_class).parameters.values())
+    positional = [p.name for p in theirs if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    mine = [p.name for p in ours_parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    assert mine == positional
+    by_convention = getattr(factory, "convention_defaults", {})  # None: the convention's default
+    for p in theirs[1:]:
+        assert p.name in ours_parameters, p.name
+        default = ours_parameters[p.name].default
+        if default is None and p.name in by_convention:
+            default = by_convention[p.name][0]  # (torch's convention)
+        if default != p.default:  # (a float for torch's int 0 or 1)
+            assert float(default) == float(p.default), p.name
+    with pytest.raises(TypeError, match="multiple values for argument 'lr'"):
+        cls(make_mlp().parameters(), 0.1, lr=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_a_hyperparameter'"):
+        cls(make_mlp().parameters(), not_a_hyperparameter=1)
+
+
 @pytest.mark.parametrize("name", ["adahessian", "sophia", "lbfgs", "kfac", "sam", "lookahead"])
 def test_torch_optimizer_refuses_factories_that_need_their_class(name: str) -> None:
     """A factory taking step inputs runs through its class, which makes them from autograd."""
