@@ -4,7 +4,9 @@ Nothing else in the adapter reaches into torch's internals; it takes them from h
 
 * **Required by every step**: the ``torch._foreach_*`` kernels, torch.optim's own foreach
   building blocks (``_tensor_list`` runs the eager executor on them). Without them the adapter
-  does not import, and says so.
+  does not import, and says so. (The step plan also reads two tensor attributes that
+  torch.optim's own tests and Dynamo read: ``Tensor._version``, to see that only the optimizer
+  wrote a counter, and ``Tensor._base``, to find the shared step-counter tensor.)
 * **Required by the compiled executor** (``compile=True``): Inductor's ``compile_fx`` (our
   ``torch.compile`` backend), Dynamo's graph-break counters, ``BackendCompilerFailed`` and
   ``disable``, ``torch._C._increment_version`` and the profiler's on/off flag (the direct graph
