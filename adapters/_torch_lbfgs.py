@@ -18,6 +18,7 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import engine
 from agnostic_optim.adapters._torch_optimizer import bind_arguments, class_signature
+from agnostic_optim.adapters._torch_plan import real_view
 from agnostic_optim.quasi_newton import default_max_eval
 
 XP = array_api_compat.torch
@@ -63,7 +64,8 @@ class LBFGS(torch.optim.Optimizer):
         """Run up to ``max_iter`` L-BFGS iterations; returns the closure's first loss."""
         group = self.param_groups[0]
         opt = self._optimizer()
-        start = [p.detach().clone() for p in self._params]
+        # (complex params as their real views, as torch.optim.LBFGS flattens them)
+        start = [real_view(p.detach()).clone() for p in self._params]
         saved = self.state[self._params[0]]
         state = self._core_state(saved) if saved else opt.init(start)
         state = ao.set_hparams(state, **{k: float(group[k]) for k in _HPARAMS})
@@ -71,16 +73,19 @@ class LBFGS(torch.optim.Optimizer):
 
         def value_and_grad_fn(candidate: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
             for p, value in zip(self._params, candidate):
-                p.copy_(value)
+                real_view(p).copy_(value)
             with torch.enable_grad():
                 loss = closure()
             losses.append(loss)
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self._params]
+            grads = [
+                real_view(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+                for p in self._params
+            ]
             return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 
         state, new_params = opt.step(state, None, start, value_and_grad_fn=value_and_grad_fn)
         for p, value in zip(self._params, new_params):
-            p.copy_(value)
+            real_view(p).copy_(value)
         self.state[self._params[0]] = self._torch_state(state)
         return losses[0]
 

@@ -29,6 +29,7 @@ import torch
 import agnostic_optim as ao
 from agnostic_optim import engine
 from agnostic_optim.adapters._torch_compiled import CompiledExecutor
+from agnostic_optim.adapters._torch_differentiable import DifferentiableExecutor
 from agnostic_optim.adapters._torch_eager import EagerExecutor
 from agnostic_optim.adapters._torch_plan import (
     XP,
@@ -36,13 +37,16 @@ from agnostic_optim.adapters._torch_plan import (
     Plan,
     Subset,
     build_plan,
+    initial_param_state,
     is_host_counter,
     outside_frames,
+    refuse_complex,
     refuse_sparse,
     shared_counters,
     subset_inputs,
 )
 from agnostic_optim.adapters._torch_private import COMPILED_UNAVAILABLE, dict_version, set_grad_enabled
+from agnostic_optim.adapters._torch_sparse import SparseExecutor
 from agnostic_optim.hparams import is_scheduled
 
 # The torch class of every registered factory, by name (``adapters.torch`` defines them; tests
@@ -54,6 +58,7 @@ CLASS_NAMES = {
     "adam": "Adam",
     "adamw": "AdamW",
     "amsgrad": "AMSGrad",
+    "sparse_adam": "SparseAdam",
     "radam": "RAdam",
     "nadam": "NAdam",
     "adan": "Adan",
@@ -72,7 +77,13 @@ CLASS_NAMES = {
 # torch.optim constructor flags that change how torch runs, not what it computes.
 TORCH_EXECUTION_FLAGS = ("foreach", "fused", "capturable")
 PRECISION_OPTIONS = ("state_dtype", "compensation")
-_GRAD = operator.attrgetter("grad")
+_GRAD, _IS_SPARSE = operator.attrgetter("grad"), operator.attrgetter("is_sparse")
+_EXECUTORS: dict[str, Callable[[str], Executor]] = {
+    "eager": lambda name: EagerExecutor(),
+    "compiled": CompiledExecutor,
+    "differentiable": lambda name: DifferentiableExecutor(),
+    "sparse": lambda name: SparseExecutor(),
+}
 _P = inspect.Parameter
 
 
@@ -166,9 +177,15 @@ class TorchOptimizer(torch.optim.Optimizer):
     ``path == (index,)`` (param groups do the same job).
     """
 
-    _step_supports_amp_scaling = False
+    _step_supports_amp_scaling = False  # (GradScaler unscales and checks the grads first)
     _implicit_step = False  # see _keeps_step
     _own_inputs: tuple[str, ...] = ()  # the rule's step inputs the class makes (AdaHessian, Sophia)
+    # entries every group holds whatever a loaded state dict says (torch's AdamW:
+    # decoupled_weight_decay=True), and whether state is made at construction (torch's Adagrad)
+    _group_constants: dict[str, Any] = {}  # noqa: RUF012 (read only)
+    _eager_state = False
+    # sparse gradients, as torch.optim's class takes them: "refuse", "accept" or "require"
+    _sparse_gradients = "refuse"
 
     def __init__(
         self,
@@ -187,21 +204,25 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         defaults = factory_defaults(self._factory)
         self._factory_options = tuple(defaults.items())  # (read every step: kept, not re-inspected)
-        for flag in TORCH_EXECUTION_FLAGS:
-            hparams.pop(flag, None)
-        if hparams.pop("differentiable", False):
-            raise NotImplementedError("differentiable=True (autograd through the step) is not supported")
+        # torch.optim's execution flags are kept in the groups, as torch keeps them; they choose
+        # how torch runs, not what it computes (``differentiable`` picks our executor too)
+        flags = {flag: hparams.pop(flag) for flag in TORCH_EXECUTION_FLAGS if flag in hparams}
+        self._differentiable = bool(hparams.pop("differentiable", False))
         unknown = set(hparams) - set(defaults) - set(PRECISION_OPTIONS)
         if unknown:
             raise TypeError(f"{self._factory.__name__} got unexpected hyperparameters {sorted(unknown)}")
         defaults.update(state_dtype=None, compensation=None)
         defaults.update(hparams)
+        defaults.update(flags, differentiable=self._differentiable)
+        defaults.update(self._group_constants)
         # Arguments whose default depends on the convention get their value now, so that every
         # group holds numbers (as torch.optim's groups do).
         optax_form = defaults.get("convention") == "optax"
         for name, (torch_default, optax_default) in getattr(self._factory, "convention_defaults", {}).items():
             if defaults[name] is None:
                 defaults[name] = optax_default if optax_form else torch_default
+        if compile and self._differentiable:
+            raise ValueError("compile=True and differentiable=True cannot be used together")
         if compile and COMPILED_UNAVAILABLE is not None:
             warnings.warn(
                 f"compile=True runs the eager step: the compiled step needs private torch APIs and "
@@ -215,12 +236,57 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._executors: dict[str, Executor] = {}
         self._hparam_tensors: dict[tuple, dict[str, Any]] = {}
         self._plans: dict[int, Plan] = {}
+        self._validate(defaults)  # (before ``params`` is read, as torch.optim's constructors do)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._optimizer_for(group)  # validate every group's hyperparameters now
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's ``add_param_group``; the group's hyperparameters are checked as the
+        constructor checks them, and a group that fails is not added."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        if self._sparse_gradients == "require":  # (SparseAdam's checks, in torch's words)
+            self._refuse_for_sparse_only(group)
+        if self._eager_state:  # (as torch.optim.Adagrad makes its state in __init__)
+            rule = self._optimizer_for(group).rule
+            fresh = [p for p in group["params"] if not self.state.get(p)]
+            for p, step in zip(fresh, shared_counters([0.0] * len(fresh))):
+                self.state[p].update(initial_param_state(rule, p, step))
+
+    def _refuse_for_sparse_only(self, group: dict[str, Any]) -> None:
+        index = len(self.param_groups) - 1
+        for what, test in (
+            ("requires dense parameter tensors", _IS_SPARSE),
+            ("does not support complex parameters", torch.Tensor.is_complex),
+        ):
+            found = [[index, i] for i, p in enumerate(group["params"]) if test(p)]
+            if found:
+                self.param_groups.pop()
+                kind = "Sparse" if test is _IS_SPARSE else "Complex"
+                raise ValueError(f"{kind} params at indices {found}: {type(self).__name__} {what}")
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Raise for hyperparameters the factory refuses, and for tensor-valued ones torch.optim
+        refuses (more than one element; a tuple of floats and tensors mixed)."""
+        for name, _ in self._factory_options:
+            value = group.get(name)
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element")
+            if isinstance(value, (tuple, list)) and len({isinstance(v, torch.Tensor) for v in value}) > 1:
+                raise ValueError(f"{name} must be either both floats or both Tensors")
+        self._optimizer_for(group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_factory": self._factory, "_compile": self._compile}
+        return {
+            **super().__getstate__(),
+            "_factory": self._factory,
+            "_compile": self._compile,
+            "_differentiable": self._differentiable,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, executors, plans.
@@ -230,6 +296,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._factory_options = tuple(factory_defaults(self._factory).items())
         if not hasattr(self, "_rules"):  # a copy being made
             self._rules, self._executors = {}, {}
+        if not hasattr(self, "_differentiable"):  # (pickled before it existed)
+            self._differentiable = bool(self.defaults.get("differentiable", False))
+        for group in self.param_groups:
+            group.update(self._group_constants)
         self._hparam_tensors, self._plans = {}, {}
 
     # ---------------------------------------------------------------- building the core rule
@@ -293,29 +363,52 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # grad mode off, as ``@torch.no_grad()`` would set it, without the decorator's objects
-        # (~15 us a step once the step's kernels have streamed the caches out, measured)
+        # grad mode as torch.optim sets it (on only for ``differentiable=True``), without the
+        # decorator's objects (~15 us a step once the kernels have streamed the caches out)
         grad_enabled = torch.is_grad_enabled()
-        set_grad_enabled(False)
+        set_grad_enabled(self._differentiable)
         try:
             self._step_groups(self._step_inputs())
         finally:
             set_grad_enabled(grad_enabled)
         return loss
 
-    def _executor(self) -> Executor:
-        """The one dispatch point: the executor that runs this optimizer's steps."""
-        kind = "compiled" if self._compile else "eager"
+    def _executor(self, sparse: bool = False) -> Executor:
+        """The one dispatch point: the executor that runs a group's step (as torch's ``adam()``
+        picks its for-loop, foreach or fused implementation). ``sparse``: the step's gradients
+        include sparse ones its rule takes on their support (see :meth:`_sparse_grads`)."""
+        if self._differentiable:
+            kind = "differentiable"
+        elif sparse:
+            kind = "sparse"
+        else:
+            kind = "compiled" if self._compile else "eager"
         executor = self._executors.get(kind)
         if executor is None:
-            executor = self._executors[kind] = (
-                CompiledExecutor(type(self).__name__) if self._compile else EagerExecutor()
-            )
+            executor = self._executors[kind] = _EXECUTORS[kind](type(self).__name__)
         return executor
 
+    def _sparse_grads(self, rule: engine.Rule, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sparse gradients as this class takes them, as torch.optim's classes do: refused
+        (most), required (SparseAdam), or accepted (SGD, Adagrad): kept sparse where the rule
+        may be applied to a gradient's support alone (``Rule.sparse_support``), else densified
+        (SGD's momentum and weight decay move every element, as in torch.optim)."""
+        name = type(self).__name__
+        sparse = any(map(_IS_SPARSE, grads))
+        if self._sparse_gradients == "require" and not all(map(_IS_SPARSE, grads)):
+            raise RuntimeError(f"{name} does not support dense gradients, please consider Adam instead")
+        if not sparse:
+            return grads
+        if self._sparse_gradients == "refuse" or self._differentiable:
+            refuse_sparse(name, grads)
+        if rule.sparse_support:
+            return grads
+        return [g.to_dense() if g.is_sparse else g for g in grads]
+
     def _step_groups(self, inputs: dict[str, dict[int, torch.Tensor]]) -> None:
-        """Step every param group (grad mode off), with the rule's step inputs this step."""
-        executor = self._executor()
+        """Step every param group (grad mode as torch.optim sets it), with the rule's step
+        inputs this step. Every group is checked before the first one is stepped."""
+        steps = []
         for group in self.param_groups:
             params: list[torch.Tensor] = group["params"]
             grads = list(map(_GRAD, params))
@@ -325,21 +418,32 @@ class TorchOptimizer(torch.optim.Optimizer):
                 grads = list(itertools.compress(grads, present))
             if not params:
                 continue
-            if not self._compile:  # (the compiled step checks where its graph does not take them)
-                refuse_sparse(type(self).__name__, grads)
             plan = self._plans.get(id(group))
             # a group as the plan last saw it (its dict's version tag) keeps its options: its rule
             version = dict_version(group) if dict_version is not None else None
             reuse = plan is not None and version is not None and plan.group_version == version
             rule = plan.rule if reuse else self._optimizer_for(group).rule
+            # (the compiled step checks for sparse gradients where its graph does not take them)
+            if not self._compile:
+                grads = self._sparse_grads(rule, grads)
+            executor = self._executor(sparse=not self._compile and any(map(_IS_SPARSE, grads)))
             rebuilt = plan is None or not plan.matches(group, rule, params, self.state, executor)
             if rebuilt:
-                if self._compile:  # (before the new plan creates any state)
+                if self._compile:  # (before any state is made)
                     refuse_sparse(type(self).__name__, grads)
+                if any(p.is_complex() for p in params):
+                    refuse_complex(rule)
+            steps.append((group, params, grads, plan, version, reuse, rule, executor, rebuilt))
+        for group, params, grads, plan, version, reuse, rule, executor, rebuilt in steps:
+            if rebuilt:
                 plan = self._plan(group, rule, params, executor)
             for subset in plan.subsets:
-                subset_grads = grads if len(plan.subsets) == 1 else list(map(_GRAD, subset.params))
-                self._step_subset(executor, group, version, rule, subset, inputs, subset_grads)
+                subset_grads = grads if len(plan.subsets) == 1 else list(map(_GRAD, subset.sources))
+                if subset_grads is not grads:
+                    subset_grads = self._sparse_grads(rule, subset_grads)
+                self._step_subset(
+                    executor, group, version, rule, subset, inputs, subset.real_grads(subset_grads)
+                )
             if rebuilt and not self._keeps_step(rule):  # (a matching plan saw no ``step`` left)
                 plan.drop_steps()
             # (the compiled step leaves the state dicts as they were)
@@ -381,7 +485,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     ) -> None:
         """One core step for params that share a step count. ``version``: the group dict's
         version tag (None: unknown)."""
-        leaf_inputs = subset_inputs(rule, subset.params, inputs)
+        leaf_inputs = subset_inputs(rule, subset.sources, inputs)
         if version is not None and subset.hparams_version == version:
             hparams, scheduled = subset.hparams  # the cached tensors still hold the group's values
         else:
@@ -401,7 +505,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         as in torch.optim."""
         packed = super().state_dict()
         for index, entries in packed["state"].items():
-            step = entries.get("step")
+            step = entries.get("step") if isinstance(entries, dict) else None  # (hooks add others)
             if isinstance(step, torch.Tensor) and step._base is not None:
                 packed["state"][index] = {**entries, "step": step.clone()}
         return packed
@@ -417,7 +521,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._plans.clear()
         for group in self.param_groups:  # the loaded counters' values move into one shared tensor
-            states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, {})]
+            states = [self.state[p] for p in group["params"] if "step" in self.state.get(p, ())]
             steps = [s["step"] for s in states]
             if steps and all(is_host_counter(t) and t.dtype == steps[0].dtype for t in steps):
                 values = torch.stack(steps).tolist()
@@ -445,8 +549,8 @@ def _placeholder(spec: Any, dtype: torch.dtype, device: torch.device) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """A Python number for 0-d tensors (factories validate numbers), else the value."""
-    if isinstance(value, torch.Tensor) and value.ndim == 0:
+    """A Python number for 1-element tensors (factories validate numbers), else the value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
@@ -454,8 +558,10 @@ def _plain(value: Any) -> Any:
 
 
 def _scalar_tensor(cache: dict[str, Any], key: str, value: Any, dtype: torch.dtype, like: torch.Tensor):
+    """A 0-d tensor holding ``value`` (a number: cached and refilled; a 1-element tensor: taken
+    as is, with its autograd history, for a differentiable step)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype=dtype, device=like.device)
+        return value.to(dtype=dtype, device=like.device).reshape(())
     entry = cache.get(key)
     if entry is None:
         entry = cache[key] = [torch.tensor(float(value), dtype=dtype, device=like.device), float(value)]

@@ -77,7 +77,12 @@ class Subset:
         count: int,
         flags: list[bool] | None,
     ):
-        self.params, self.states, self.buffers, self.count = params, states, buffers, count
+        # the params as the rule sees them: a complex param as its ``view_as_real``, as torch.optim
+        # steps it (``sources``: the params themselves, which hold the gradients)
+        self.sources = params
+        self.complex = any(p.is_complex() for p in params)
+        self.params = [real_view(p) for p in params] if self.complex else params
+        self.states, self.buffers, self.count = states, buffers, count
         self.flags = flags  # the rule's mask, one bool per param (None: no mask)
         self.layout: Any = None  # the executor's (see Executor.lay_out)
         self.hparams: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # (see the front's _step_subset)
@@ -92,6 +97,10 @@ class Subset:
         # the 1-D tensor whose elements these counters are, in order (see shared_counters):
         # one add increments them all, one comparison reads them all
         self.counters = counters_base(self.steps) if self.steps else None
+
+    def real_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The step's gradients as the rule sees them (complex ones as their real views)."""
+        return [real_view(g) for g in grads] if self.complex else grads
 
     def advance_steps(self) -> None:
         """``step += 1`` for every param (one call for counters that share a tensor)."""
@@ -134,6 +143,9 @@ class Plan:
         self.group, self.rule, self.params, self.subsets = group, rule, params, subsets
         self.state_map, self.executor = state_map, executor
         self.states = [state_map[p] for p in params]
+        # what ``state_map`` holds for each param: its state, or None once it has none (see
+        # drop_steps: torch.optim.SGD without momentum keeps no entry)
+        self.registered: list[dict | None] = list(self.states)
         self.cacheable = all(type(p) in PLAIN_TENSORS for p in params)
         if self.cacheable:
             self.viewed = [t for subset in subsets for t in subset.layout.viewed]
@@ -149,8 +161,11 @@ class Plan:
 
     def drop_steps(self) -> None:
         """Forget the ``step`` counters (torch.optim.SGD keeps none: see the front's _keeps_step)."""
-        for s in self.states:
+        for i, (p, s) in enumerate(zip(self.params, self.states)):
             s.pop("step", None)
+            if not s and self.state_map.get(p) is s:  # no state left: no entry, as in torch.optim
+                del self.state_map[p]
+                self.registered[i] = None
         for subset in self.subsets:
             subset.steps, subset.counters = [], None
         if self.cacheable:
@@ -196,16 +211,16 @@ class Plan:
             version = dict_version(self.state_map)
             if version != self.map_version:  # (another group's params may have been added)
                 states = [self.state_map.get(p) for p in params]
-                if not all(map(operator.is_, states, self.states)):
+                if not all(map(operator.is_, states, self.registered)):
                     return False
                 self.map_version = version
             if list(map(dict_version, self.states)) != self.marks:
                 return False
         else:
             states = [self.state_map.get(p) for p in params]
-            if not all(map(operator.is_, states, self.states)):
+            if not all(map(operator.is_, states, self.registered)):
                 return False
-            values = [v for s in states for v in s.values()]
+            values = [v for s in self.states for v in s.values()]
             if len(values) != len(self.marks) or not all(map(operator.is_, values, self.marks)):
                 return False
         if self.data_pointers() != self.pointers or [t.stride() for t in self.viewed] != self.strides:
@@ -245,8 +260,10 @@ def build_plan(
             for s, buffer in zip(member_states, buffers[name]):
                 s[name] = buffer  # a converted checkpoint buffer replaces the loaded one
         flags = None if flag_of is None else [flag_of[id(p)] for p in members]
+        if any(p.is_complex() for p in members):
+            buffers = {name: [real_view(b) for b in values] for name, values in buffers.items()}
         subset = Subset(members, member_states, buffers, step_count(member_states[0]), flags)
-        subset.layout = executor.lay_out(rule, members, buffers, flags)
+        subset.layout = executor.lay_out(rule, subset.params, buffers, flags)
         subsets.append(subset)
     return Plan(group, rule, params, state_map, subsets, executor)
 
@@ -286,15 +303,32 @@ def refuse_sparse(name: str, grads: list[torch.Tensor]) -> None:
         )
 
 
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as the real tensor torch.optim steps (``view_as_real``), else itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def refuse_complex(rule: engine.Rule) -> None:
+    """Complex params step as their real views (torch.optim's way) where every element of the
+    update depends on its own element and whole-leaf sums: not for Shampoo's matrices, nor
+    with mixed precision."""
+    if not rule.batchable:
+        raise TypeError(f"{rule.name} does not support complex parameters (its update is not elementwise)")
+    if rule.precision.state_dtype is not None or rule.precision.compensation is not None:
+        raise TypeError("state_dtype / compensation do not support complex parameters")
+
+
 def initial_param_state(rule: engine.Rule, p: torch.Tensor, step: torch.Tensor) -> dict[str, Any]:
-    """torch-style per-parameter state: ``step`` (from :func:`shared_counters`) + buffers."""
-    state = engine.init_rule_state(rule, [p.detach()])
-    # running scalars (NAdam's mu_product) keep the core's float64, which is more precise than
-    # torch's default-dtype copy and loads either way
+    """torch-style per-parameter state: ``step`` (from :func:`shared_counters`) + buffers (a
+    complex param's as complex tensors, as torch.optim keeps them)."""
+    state = engine.init_rule_state(rule, [real_view(p.detach())])
     per_param = {"step": step}
     for name, leaves in state.buffers.items():
-        per_param[name] = leaves[0]
-    per_param.update(state.scalars)
+        per_param[name] = torch.view_as_complex(leaves[0]) if p.is_complex() else leaves[0]
+    # running scalars (NAdam's mu_product) in torch.optim's dtype, so that a state dict saved
+    # and loaded (which casts them to the param's dtype) steps as before; the step reads them
+    # into float64
+    per_param.update({name: value.to(step_dtype()) for name, value in state.scalars.items()})
     return per_param
 
 

@@ -69,13 +69,12 @@ __all__ = [
     "RMSprop",
     "Shampoo",
     "Sophia",
+    "SparseAdam",
     "TorchOptimizer",
 ]
 
 
-def _named_class(
-    name: str, factory: Callable[..., ao.Optimizer], implicit_step: bool = False
-) -> type[TorchOptimizer]:
+def _named_class(name: str, factory: Callable[..., ao.Optimizer], **behaviour: Any) -> type[TorchOptimizer]:
     """A TorchOptimizer subclass for one factory, with its real signature (positional arguments
     in torch's order where torch has the class: see :func:`class_signature`)."""
     extra = {"compile": False, **dict.fromkeys(PRECISION_OPTIONS)}
@@ -92,17 +91,18 @@ def _named_class(
         "__init__": __init__,
         "__doc__": doc,
         "__module__": __name__,
-        "_implicit_step": implicit_step,
+        **{f"_{key}": value for key, value in behaviour.items()},  # (see TorchOptimizer's)
     }
     return type(name, (TorchOptimizer,), namespace)
 
 
-SGD = _named_class("SGD", ao.sgd, implicit_step=True)
-Adagrad = _named_class("Adagrad", ao.adagrad)
+SGD = _named_class("SGD", ao.sgd, implicit_step=True, sparse_gradients="accept")
+Adagrad = _named_class("Adagrad", ao.adagrad, eager_state=True, sparse_gradients="accept")
 RMSprop = _named_class("RMSprop", ao.rmsprop)
 Adam = _named_class("Adam", ao.adam)
-AdamW = _named_class("AdamW", ao.adamw)
+AdamW = _named_class("AdamW", ao.adamw, group_constants={"decoupled_weight_decay": True})
 AMSGrad = _named_class("AMSGrad", ao.amsgrad)
+SparseAdam = _named_class("SparseAdam", ao.sparse_adam, sparse_gradients="require")
 RAdam = _named_class("RAdam", ao.radam)
 NAdam = _named_class("NAdam", ao.nadam)
 Adan = _named_class("Adan", ao.adan)

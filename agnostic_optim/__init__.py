@@ -13,7 +13,7 @@ Adapters for framework training loops live in ``agnostic_optim.adapters``.
 """
 
 from agnostic_optim import checkpoint, schedules
-from agnostic_optim.adaptive import adagrad, adam, adamw, amsgrad, rmsprop
+from agnostic_optim.adaptive import adagrad, adam, adamw, amsgrad, rmsprop, sparse_adam
 from agnostic_optim.adaptive_variants import adan, lion, nadam, radam
 from agnostic_optim.composition import (
     AccumulateState,
@@ -80,4 +80,5 @@ __all__ = [
     "shampoo",
     "skip_nonfinite",
     "sophia",
+    "sparse_adam",
 ]

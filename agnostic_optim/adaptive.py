@@ -51,9 +51,9 @@ def adagrad(
     """
     check_convention(convention)
     check_range("learning rate", lr)
-    check_range("lr_decay", lr_decay)
+    check_range("lr_decay value", lr_decay)
     check_range("weight_decay value", weight_decay)
-    check_range("initial_accumulator_value", initial_accumulator_value)
+    check_range("initial_accumulator_value value", initial_accumulator_value)
     check_range("epsilon value", eps)
     use_decay = is_nonzero(weight_decay)
     optax_form = convention == "optax"
@@ -87,6 +87,7 @@ def adagrad(
             buffers=("sum",),
             init_buffer=init_sum,
             maximize=maximize,
+            sparse_support=not use_decay,  # (a zero gradient adds 0 and moves nothing)
         )
     )
 
@@ -298,6 +299,52 @@ def adam(
             prepare=prepare,
             buffers=buffers,
             maximize=maximize,
+        )
+    )
+
+
+@register("adaptive")
+def sparse_adam(
+    lr: HParam = 1e-3,
+    betas: tuple[HParam, HParam] = (0.9, 0.999),
+    eps: HParam = 1e-8,
+    maximize: bool = False,
+) -> engine.Optimizer:
+    """SparseAdam: Adam's moments kept lazily, for sparse gradients (torch.optim.SparseAdam).
+
+    Defined on the elements a (sparse) gradient holds, which are the only ones it changes;
+    ``ε`` is added to the uncorrected root, and the step size carries both corrections::
+
+        m_t = β1 m_{t-1} + (1 - β1) g,   v_t = β2 v_{t-1} + (1 - β2) g²
+        θ  <- θ - lr √(1 - β2^t) / (1 - β1^t) · m_t / (√v_t + ε)
+
+    (torch writes the moments as ``m += (1 - β1)(g - m)``: the same up to rounding.) The torch
+    class ``SparseAdam`` takes sparse gradients only, as torch's does, and steps only the rows
+    they hold, with one step count per param; on a dense gradient (the functional API, other
+    adapters) every element is in the support. Reference: ``torch.optim.SparseAdam``.
+    """
+    check_range("learning rate", lr)
+    check_range("epsilon value", eps)
+    check_betas(betas, 2)
+
+    def prepare(ctx: engine.StepContext) -> dict[str, Any]:
+        scalars = adam_moments_prepare(ctx)
+        scalars["step_size"] = ctx.h.lr * scalars["bias_correction2_sqrt"] / scalars["bias_correction1"]
+        return scalars
+
+    def update(xp, g, p, bufs, s):
+        new = adam_moments(g, bufs, s)
+        return new, p - (new["exp_avg"] / (xp.sqrt(new["exp_avg_sq"]) + s.eps)) * s.step_size
+
+    return engine.build(
+        engine.Rule(
+            name="sparse_adam",
+            hparams={"lr": lr, "betas": tuple(betas), "eps": eps},
+            update=update,
+            prepare=prepare,
+            buffers=("exp_avg", "exp_avg_sq"),
+            maximize=maximize,
+            sparse_support=True,
         )
     )
 

@@ -168,6 +168,11 @@ class Rule:
         so an adapter may run it on several leaves packed into one operand (the torch adapter's
         ``_foreach`` lists). False for rules that reshape, reduce over axes or multiply matrices
         (Shampoo, AdaHessian's spatial averaging): they run leaf by leaf.
+      sparse_support: True when an element whose gradient is zero keeps its param and state
+        (Adagrad; SGD without momentum or weight decay), or when the rule is defined on the
+        gradient's support (SparseAdam's lazy moments): a sparse gradient may then be applied
+        to the elements it holds only (the torch adapter's sparse step), with the numbers of
+        the dense step on its densified form.
     """
 
     name: str
@@ -184,6 +189,7 @@ class Rule:
     precision: Precision = field(default_factory=Precision)
     elementwise: bool = True
     batchable: bool = True
+    sparse_support: bool = False
 
 
 # --------------------------------------------------------------------------- validation

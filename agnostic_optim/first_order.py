@@ -79,5 +79,6 @@ def sgd(
             prepare=momentum_prepare if use_momentum else None,
             buffers=("momentum_buffer",) if use_momentum else (),
             maximize=maximize,
+            sparse_support=not use_momentum and not is_nonzero(weight_decay),
         )
     )

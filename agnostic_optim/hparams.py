@@ -112,8 +112,9 @@ def check_range(
 def check_betas(betas: Any, count: int, name: str = "betas") -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"Invalid {name}: {betas!r} (expected a tuple of {count} values)")
-    for i, b in enumerate(betas):
-        check_range(f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
+    for i, b in enumerate(betas):  # (torch.optim's wording for ``betas``)
+        what = f"beta parameter at index {i}" if name == "betas" else f"{name}[{i}]"
+        check_range(what, b, 0.0, 1.0, high_open=True)
 
 
 def to_state(

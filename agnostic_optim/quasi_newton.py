@@ -333,8 +333,8 @@ def lbfgs(
     ``2 · history_size`` copies of the params (see :class:`LBFGSState`).
     """
     check_range("learning rate", lr)
-    check_range("tolerance_grad", tolerance_grad)
-    check_range("tolerance_change", tolerance_change)
+    check_range("tolerance_grad", tolerance_grad, None)  # (±inf: torch.optim.LBFGS accepts them)
+    check_range("tolerance_change", tolerance_change, None)
     _check_int("max_iter", max_iter, 1)
     _check_int("history_size", history_size, 1)
     if max_eval is None:
@@ -458,7 +458,11 @@ def lbfgs(
             prev_flat_grad, prev_loss = flat_grad, loss
 
             # the step length
-            t = min(1.0, 1.0 / _abs_sum(xp, flat_grad, dtype)) * lr if total_iter == 1 else lr
+            if total_iter == 1:  # (a zero gradient: 1 / 0 = inf, as torch's tensor division gives)
+                total = _abs_sum(xp, flat_grad, dtype)
+                t = min(1.0, 1.0 / total if total else math.inf) * lr
+            else:
+                t = lr
             gtd = _dot(xp, flat_grad, d, dtype)
             if gtd > -tolerance_change:  # the directional derivative is below tolerance
                 break

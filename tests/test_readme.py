@@ -22,6 +22,16 @@ def test_quick_start_runs_and_steps_the_params() -> None:
 
 
 def test_layout_lists_existing_modules() -> None:
+    """Every module the layout names (``  engine.py ...`` under ``agnostic_optim/``, the
+    adapters' under ``adapters/``) exists in that folder."""
     root = README.parent
-    for name in re.findall(r"^  (\w+\.py) ", README.read_text(), re.M):
-        assert (root / "agnostic_optim" / name).exists(), name
+    layout = README.read_text().split("## Layout", 1)[1].split("```", 2)[1]
+    folder, checked = None, 0
+    for line in layout.splitlines():
+        top = re.match(r"^(\w+)/ ", line)
+        if top:
+            folder = top.group(1)
+        for name in re.findall(r"\b(\w+\.py)\b", line) if line.startswith("  ") else []:
+            assert (root / folder / name).exists(), f"{folder}/{name}"
+            checked += 1
+    assert checked >= 25
