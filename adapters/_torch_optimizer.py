@@ -184,8 +184,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     # decoupled_weight_decay=True), and whether state is made at construction (torch's Adagrad)
     _group_constants: dict[str, Any] = {}  # noqa: RUF012 (read only)
     _eager_state = False
-    # sparse gradients, as torch.optim's class takes them: "refuse", "accept" or "require"
-    _sparse_gradients = "refuse"
+    #: Sparse gradients, as torch.optim's class of the same name takes them: "refuse" (most),
+    #: "accept" (SGD, Adagrad) or "require" (SparseAdam).
+    sparse_gradients = "refuse"
 
     def __init__(
         self,
@@ -249,7 +250,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         except BaseException:
             self.param_groups.pop()
             raise
-        if self._sparse_gradients == "require":  # (SparseAdam's checks, in torch's words)
+        if self.sparse_gradients == "require":  # (SparseAdam's checks, in torch's words)
             self._refuse_for_sparse_only(group)
         if self._eager_state:  # (as torch.optim.Adagrad makes its state in __init__)
             rule = self._optimizer_for(group).rule
@@ -278,6 +279,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Tensor {name} must be 1-element")
             if isinstance(value, (tuple, list)) and len({isinstance(v, torch.Tensor) for v in value}) > 1:
                 raise ValueError(f"{name} must be either both floats or both Tensors")
+        self._factory(**{k: _plain(v) for k, v in self._options(group).items()})  # (the factory's checks)
         self._optimizer_for(group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -395,11 +397,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         (SGD's momentum and weight decay move every element, as in torch.optim)."""
         name = type(self).__name__
         sparse = any(map(_IS_SPARSE, grads))
-        if self._sparse_gradients == "require" and not all(map(_IS_SPARSE, grads)):
+        if self.sparse_gradients == "require" and not all(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"{name} does not support dense gradients, please consider Adam instead")
         if not sparse:
             return grads
-        if self._sparse_gradients == "refuse" or self._differentiable:
+        if self.sparse_gradients == "refuse" or self._differentiable:
             refuse_sparse(name, grads)
         if rule.sparse_support:
             return grads

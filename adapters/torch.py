@@ -91,7 +91,7 @@ def _named_class(name: str, factory: Callable[..., ao.Optimizer], **behaviour: A
         "__init__": __init__,
         "__doc__": doc,
         "__module__": __name__,
-        **{f"_{key}": value for key, value in behaviour.items()},  # (see TorchOptimizer's)
+        **{key if key == "sparse_gradients" else f"_{key}": value for key, value in behaviour.items()},
     }
     return type(name, (TorchOptimizer,), namespace)
 

@@ -305,6 +305,20 @@ class Sophia(TorchOptimizer):
     ) -> None: ...
     def update_hessian(self) -> None: ...
 
+class SparseAdam(TorchOptimizer):
+    def __init__(
+        self,
+        params: Params,
+        lr: Any = 0.001,
+        betas: Any = (0.9, 0.999),
+        eps: Any = 1e-08,
+        maximize: bool = False,
+        *,
+        compile: bool = False,
+        state_dtype: Any = None,
+        compensation: Any = None,
+    ) -> None: ...
+
 CLASS_FOR_FACTORY: dict[str, type[torch.optim.Optimizer]]
 __all__ = [
     "KFAC",
@@ -326,5 +340,6 @@ __all__ = [
     "RMSprop",
     "Shampoo",
     "Sophia",
+    "SparseAdam",
     "TorchOptimizer",
 ]

@@ -88,7 +88,7 @@ def _run_torch(problem: Problem, steps: int, class_name: str, kwargs: dict[str, 
                     values = [p.detach() for p in params]
                     grads = problem.gradient(backend, values, step, "float64")
                 for p, g in zip(params, grads):
-                    p.grad = g.detach().clone()
+                    p.grad = g.detach().to_sparse() if class_name == "SparseAdam" else g.detach().clone()
                 return problem.loss(backend, values, "float64") if problem.loss else None
 
             if class_name == "LBFGS":

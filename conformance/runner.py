@@ -182,7 +182,22 @@ def _run_torch_class(
     cls: type, case: Case, backend: Backend, dtype: str, problem: Problem, steps: int
 ) -> Trajectory:
     """The named ``torch.optim.Optimizer`` class (``adapters.torch.SGD``...), so each class's own
-    state path (SGD's torch-style momentum buffer without a step count) is the one exercised."""
+    state path (SGD's torch-style momentum buffer without a step count) is the one exercised.
+    A float64 run has float64 as torch's default dtype, as the torch.optim reference has: both
+    keep their scalar state (step counts, NAdam's ``mu_product``) in that dtype."""
+    torch = backend.module
+    previous = torch.get_default_dtype()
+    if dtype == "float64":
+        torch.set_default_dtype(torch.float64)
+    try:
+        return _torch_class_trajectory(cls, case, backend, dtype, problem, steps)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _torch_class_trajectory(
+    cls: type, case: Case, backend: Backend, dtype: str, problem: Problem, steps: int
+) -> Trajectory:
     torch = backend.module
     params = [backend.asarray(p, dtype).requires_grad_() for p in problem.initial]
     opt = cls(params, **case.kwargs)
@@ -194,8 +209,8 @@ def _run_torch_class(
             with torch.no_grad():
                 values = [p.detach() for p in params]
                 grads = problem.gradient(backend, values, step, dtype)
-            for p, g in zip(params, grads):
-                p.grad = g
+            for p, g in zip(params, grads):  # (as sparse gradients for a class that takes no others)
+                p.grad = g.to_sparse() if cls.sparse_gradients == "require" else g
             return problem.loss(backend, values, dtype) if problem.loss else None
 
         if "value_and_grad_fn" in case.inputs:

@@ -61,6 +61,7 @@ OPTION_SETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "adamw": {"amsgrad": {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}},
     "amsgrad": {"optax": {"lr": 1e-2, "convention": "optax", "eps_root": 1e-8}},
+    "sparse_adam": {"maximize": {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "maximize": True}},
     "radam": {
         "decoupled": {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True},
         "optax": {"lr": 1e-2, "convention": "optax", "eps_root": 1e-8},

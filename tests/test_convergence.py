@@ -109,6 +109,10 @@ TUNED: dict[str, dict[str, tuple[dict[str, Any], int, float]]] = {
         "quadratic": ({"lr": 0.2, "weight_decay": 0.0}, 600, 1e-8),
         "rosenbrock": ({"lr": 0.05, "weight_decay": 0.0}, 2500, 1e-3),
     },
+    "sparse_adam": {
+        "quadratic": ({"lr": 0.2}, 600, 1e-8),
+        "rosenbrock": ({"lr": 0.05}, 2500, 1e-3),
+    },
     "amsgrad": {
         "quadratic": ({"lr": 0.2}, 600, 1e-8),
         "rosenbrock": ({"lr": 0.2}, 2000, 1e-3),

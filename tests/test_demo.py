@@ -43,7 +43,7 @@ def test_convergence_benchmark_runs_every_registered_optimizers_torch_class(tmp_
         check=True,
     ).stdout
     rows = {
-        line.split()[0]: line.split()[1:] for line in out.splitlines() if re.match(r"^\s*[a-z]+\s+\d", line)
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if re.match(r"^\s*[a-z_]+\s+\d", line)
     }
     assert set(rows) == set(ao.registry())
     initial = float(np.log(2.0))  # the untrained net's loss is close to log 2
