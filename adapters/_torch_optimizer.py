@@ -21,13 +21,13 @@ import inspect
 import itertools
 import operator
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 import agnostic_optim as ao
-from agnostic_optim import engine
+from agnostic_optim import checkpoint, engine
 from agnostic_optim.adapters._torch_compiled import CompiledExecutor
 from agnostic_optim.adapters._torch_differentiable import DifferentiableExecutor
 from agnostic_optim.adapters._torch_eager import EagerExecutor
@@ -43,6 +43,8 @@ from agnostic_optim.adapters._torch_plan import (
     refuse_complex,
     refuse_sparse,
     shared_counters,
+    step_count,
+    step_dtype,
     subset_inputs,
 )
 from agnostic_optim.adapters._torch_private import COMPILED_UNAVAILABLE, dict_version, set_grad_enabled
@@ -537,6 +539,100 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for key, value in saved.get(index, {}).items():
                     if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # ---------------------------------------------------------------- portable checkpoints
+
+    def portable_state(self, names: torch.nn.Module | Mapping[str, torch.Tensor] | None = None) -> Any:
+        """This optimizer's state in the core's format, which every backend reads: what
+        ``factory(**hparams).init(params)`` makes, at this optimizer's step, with ``params``
+        the flat dict ``{name: param}`` (so ``buffers.exp_avg.<name>``, ``hparams.lr``,
+        ``count``). Save it with :func:`agnostic_optim.checkpoint.save_state` (with
+        :func:`param_layouts` of the model) and resume with ``load_state`` in JAX, NumPy or
+        torch (:meth:`load_portable_state`).
+
+        Args:
+          names: where the params' names come from: a module (``named_parameters()``: the keys
+            of its ``state_dict``, ``0.weight``), a ``{name: param}`` mapping, or None: the
+            names given to the optimizer (``model.named_parameters()``), else the params'
+            positions (``"0"``, ``"1"``, ...).
+
+        The core's state is one optimizer: every group must hold the same options (else a
+        ``ValueError`` names them; the functional API's per-leaf options are ``ao.masked`` and
+        ``ao.chain``), and every param the same step count.
+        """
+        opt, named, group = self._portable_parts(names)
+        params = {name: p.detach() for name, p in named}
+        template = opt.init(params)
+        counts = {step_count(self.state[p]) if self.state.get(p) else 0 for _, p in named}
+        if len(counts) != 1:
+            raise ValueError(
+                f"portable_state needs one step count for every param; they have {sorted(counts)}"
+            )
+        hparams = {k: _plain(group[k]) for k in template.hparams}
+        template = ao.set_hparams(template, **hparams)
+        buffers = {
+            buffer: {name: self.state[p].get(buffer, values[name]) for name, p in named}
+            for buffer, values in template.buffers.items()
+        }
+        first = self.state.get(named[0][1]) or {}
+        scalars = {k: first[k].to(v.dtype) if k in first else v for k, v in template.scalars.items()}
+        return template._replace(
+            count=torch.tensor(counts.pop(), dtype=torch.int32), buffers=buffers, scalars=scalars
+        )
+
+    def load_portable_state(
+        self, state: Any, names: torch.nn.Module | Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Take ``state`` (:meth:`portable_state`'s format, e.g. from
+        :func:`agnostic_optim.checkpoint.load_state` or a JAX run's ``opt.init``/``step``) as
+        this optimizer's: buffers, step counts, running scalars and every group's
+        hyperparameters. ``names`` as for :meth:`portable_state`. Checked whole (structure,
+        names, shapes) before anything changes."""
+        template = self.portable_state(names)
+        loaded = checkpoint.state_from_dict(template, checkpoint.state_to_dict(state))
+        _, named, _ = self._portable_parts(names)
+        hparams = {k: _plain(v) for k, v in ao.get_hparams(loaded).items() if k in loaded.hparams}
+        for group in self.param_groups:
+            self._validate({**group, **hparams})
+        count = float(int(loaded.count))
+        for (name, p), step in zip(named, shared_counters([count] * len(named))):
+            entries = {buffer: values[name].clone() for buffer, values in loaded.buffers.items()}
+            entries.update({k: v.to(step_dtype(), copy=True) for k, v in loaded.scalars.items()})
+            self.state[p] = {"step": step, **entries}
+        for group in self.param_groups:
+            group.update(hparams)
+        self._plans.clear()
+
+    def _portable_parts(self, names: Any) -> tuple[ao.Optimizer, list[tuple[str, torch.Tensor]], dict]:
+        """(the one rule every group runs, (name, param) for every param, the first group)."""
+        groups = self.param_groups
+        first = groups[0]
+        for i, group in enumerate(groups[1:], 1):
+            differ = sorted(
+                k for k, v in self._options(group).items() if _plain(v) != _plain(self._options(first)[k])
+            )
+            if differ:
+                raise ValueError(
+                    f"portable_state needs one set of options; groups 0 and {i} differ in {differ}"
+                )
+        params = [p for group in groups for p in group["params"]]
+        if any(p.is_complex() for p in params):
+            raise TypeError(
+                "portable_state: complex params have no portable form (the core takes real arrays)"
+            )
+        if isinstance(names, torch.nn.Module):
+            names = dict(names.named_parameters())
+        if names is not None:
+            by_id = {id(p): name for name, p in names.items()}
+            missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+            if missing:
+                raise ValueError(f"portable_state: the params at positions {missing} have no name in `names`")
+            named = [(by_id[id(p)], p) for p in params]
+        elif all("param_names" in group for group in groups):
+            named = [(n, p) for group in groups for n, p in zip(group["param_names"], group["params"])]
+        else:
+            named = [(str(i), p) for i, p in enumerate(params)]
+        return self._optimizer_for(first), named, first
 
 
 def _is_number(value: Any) -> bool:

@@ -71,6 +71,7 @@ __all__ = [
     "Sophia",
     "SparseAdam",
     "TorchOptimizer",
+    "param_layouts",
 ]
 
 
@@ -180,6 +181,23 @@ class Sophia(_named_class("Sophia", ao.sophia)):
                 hessian = state["hessian"]
                 decay, weight = (x.to(device=p.device, dtype=dtype) for x in (beta2, 1 - beta2))
                 hessian.copy_(sophia_hessian_update(hessian.to(dtype), g * g, decay, weight))
+
+
+def param_layouts(model: torch.nn.Module) -> dict[str, str]:
+    """``{name: layout}`` for the weights of ``model``'s ``nn.Linear`` (``"out_in"``) and
+    ``nn.Conv1d/2d/3d`` (``"out_in_spatial"``) layers, named as ``model.named_parameters()``
+    names them: pass it to :func:`agnostic_optim.checkpoint.save_state` with
+    ``opt.portable_state(model)``, so that loading the state onto a framework that orders
+    those axes otherwise (flax's ``(in, out)`` kernels) is refused rather than transposed."""
+    kinds = {torch.nn.Linear: "out_in", torch.nn.Conv1d: "out_in_spatial"}
+    kinds.update({torch.nn.Conv2d: "out_in_spatial", torch.nn.Conv3d: "out_in_spatial"})
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {
+        names[id(module.weight)]: layout
+        for module in model.modules()
+        for kind, layout in kinds.items()
+        if type(module) is kind and id(module.weight) in names
+    }
 
 
 # The class of every registered factory (tests check that none is missing).

@@ -319,6 +319,8 @@ class SparseAdam(TorchOptimizer):
         compensation: Any = None,
     ) -> None: ...
 
+def param_layouts(model: torch.nn.Module) -> dict[str, str]: ...
+
 CLASS_FOR_FACTORY: dict[str, type[torch.optim.Optimizer]]
 __all__ = [
     "KFAC",
@@ -342,4 +344,5 @@ __all__ = [
     "Sophia",
     "SparseAdam",
     "TorchOptimizer",
+    "param_layouts",
 ]

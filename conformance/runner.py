@@ -210,7 +210,7 @@ def _torch_class_trajectory(
                 values = [p.detach() for p in params]
                 grads = problem.gradient(backend, values, step, dtype)
             for p, g in zip(params, grads):  # (as sparse gradients for a class that takes no others)
-                p.grad = g.to_sparse() if cls.sparse_gradients == "require" else g
+                p.grad = g.to_sparse() if getattr(cls, "sparse_gradients", None) == "require" else g
             return problem.loss(backend, values, dtype) if problem.loss else None
 
         if "value_and_grad_fn" in case.inputs:

@@ -49,6 +49,11 @@ def render() -> str:
     lines = [HEADER]
     own = [name for name in ours.__all__ if ours.__dict__[name].__module__ == ours.__name__]
     for name in own:
+        if inspect.isfunction(ours.__dict__[name]):  # (annotations are strings: postponed)
+            function = ours.__dict__[name]
+            arguments = [f"{p.name}: {p.annotation}" for p in inspect.signature(function).parameters.values()]
+            lines += ["", f"def {name}({', '.join(arguments)}) -> {function.__annotations__['return']}: ..."]
+            continue
         signature = inspect.signature(ours.__dict__[name])
         arguments, keyword_only = ["self"], False
         for p in signature.parameters.values():
