@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from agnostic_optim import engine
-from agnostic_optim.adapters._torch_plan import XP, Subset
+from agnostic_optim.adapters._torch_plan import XP, Subset, prepare_scalars
 
 
 class DifferentiableLayout:
@@ -48,14 +48,9 @@ class DifferentiableExecutor:
         keeps_step: bool,
     ) -> bool:
         params, states, buffers = subset.params, subset.states, subset.buffers
-        first = params[0]
-        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
-        dtype = engine.scalar_dtype(XP, first)
-        running = {k: states[0][k].to(device=first.device, dtype=dtype) for k in rule.scalars}
         before = [p.clone() for p in params]
         buffers_before = {name: [b.clone() for b in values] for name, values in buffers.items()}
-        core_state = engine.OptimizerState(count, hparams, scheduled, buffers_before, running)
-        step = engine.prepare_step(rule, core_state, XP, grads, before, leaf_inputs)
+        step = prepare_scalars(rule, subset, hparams, scheduled, grads, before, buffers_before, leaf_inputs)
         new_params, new_buffers = engine.update_leaves(
             rule,
             XP,

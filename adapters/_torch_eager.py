@@ -21,7 +21,7 @@ import torch
 
 from agnostic_optim import chunking, engine
 from agnostic_optim.adapters._tensor_list import NAMESPACE, TensorList, store
-from agnostic_optim.adapters._torch_plan import XP, Subset
+from agnostic_optim.adapters._torch_plan import XP, Subset, prepare_scalars, store_running
 
 # Leaves are cut into flat chunks of at most CHUNK_ELEMENTS and processed in blocks of about
 # BLOCK_ELEMENTS. With the step evaluated in place (a single temporary at most), chunks of
@@ -100,13 +100,11 @@ class EagerExecutor:
         leaf_inputs: dict[str, list[torch.Tensor]],
         keeps_step: bool,
     ) -> bool:
-        params, states, layout = subset.params, subset.states, subset.layout
-        chunks, first = layout.chunks, params[0]
-        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
-        dtype = engine.scalar_dtype(XP, first)  # (the hyperparameters' dtype, as the front makes them)
-        running = {k: states[0][k].to(device=first.device, dtype=dtype) for k in rule.scalars}
-        core_state = engine.OptimizerState(count, hparams, scheduled, subset.buffers, running)
-        step = engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
+        layout = subset.layout
+        chunks = layout.chunks
+        step = prepare_scalars(
+            rule, subset, hparams, scheduled, grads, subset.params, subset.buffers, leaf_inputs
+        )
         engine.update_leaves(
             rule,
             XP,
@@ -120,8 +118,5 @@ class EagerExecutor:
             in_place=True,
             groups=layout.groups,
         )
-        for k, v in step.running.items():  # (no pass over the states for rules without any)
-            for s in states:
-                # each param its own tensor: torch.optim updates loaded state in place
-                s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
+        store_running(subset.states, step)
         return False

@@ -268,6 +268,35 @@ def build_plan(
     return Plan(group, rule, params, state_map, subsets, executor)
 
 
+def prepare_scalars(
+    rule: engine.Rule,
+    subset: Subset,
+    hparams: dict[str, Any],
+    scheduled: dict[str, Any],
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    buffers: dict[str, list[torch.Tensor]],
+    leaf_inputs: dict[str, list[torch.Tensor]],
+) -> engine.StepScalars:
+    """The scalar half of a subset's step (:func:`engine.prepare_step`), from torch.optim's
+    per-param state: the subset's count, and its running scalars as the first param's state
+    holds them (copied: an executor may write the state while autograd still reads them)."""
+    first = params[0]
+    count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
+    dtype = engine.scalar_dtype(XP, first)
+    running = {k: subset.states[0][k].to(device=first.device, dtype=dtype, copy=True) for k in rule.scalars}
+    core_state = engine.OptimizerState(count, hparams, scheduled, buffers, running)
+    return engine.prepare_step(rule, core_state, XP, grads, params, leaf_inputs)
+
+
+def store_running(states: list[dict[str, Any]], step: engine.StepScalars) -> None:
+    """The step's running scalars into every param's state, each its own tensor in its own dtype
+    (torch.optim updates loaded state in place). No pass over the states for rules without any."""
+    for k, v in step.running.items():
+        for s in states:
+            s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
+
+
 def mask_flags(rule: engine.Rule, group_params: list[torch.Tensor]) -> dict[int, bool] | None:
     """The rule's ``mask`` resolved over the group's params as the functional API resolves it
     over a sequence of leaves (a list or tuple of bools, or ``mask(path, param)`` with the

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from agnostic_optim import engine
-from agnostic_optim.adapters._torch_plan import XP, Subset
+from agnostic_optim.adapters._torch_plan import XP, Subset, prepare_scalars, store_running
 
 
 class SparseLayout:
@@ -64,13 +64,10 @@ class SparseExecutor:
             return [t if where is None else t[where] for t, where in zip(tensors, supports)]
 
         gathered = {name: gather(tensors) for name, tensors in buffers.items()}
-        first = params[0]
-        count = torch.tensor(subset.count, dtype=torch.int32, device=first.device)
-        dtype = engine.scalar_dtype(XP, first)
-        running = {k: states[0][k].to(device=first.device, dtype=dtype) for k in rule.scalars}
-        core_state = engine.OptimizerState(count, hparams, scheduled, gathered, running)
         at_support = gather(params)
-        step = engine.prepare_step(rule, core_state, XP, list(values), at_support, leaf_inputs)
+        step = prepare_scalars(
+            rule, subset, hparams, scheduled, list(values), at_support, gathered, leaf_inputs
+        )
         new_params, new_buffers = engine.update_leaves(
             rule, XP, engine.ScalarCaster(XP, step.values).for_leaf, list(values), at_support, gathered
         )
@@ -81,7 +78,5 @@ class SparseExecutor:
                     tensor.copy_(new)
                 else:
                     tensor[where] = new
-        for k, v in step.running.items():
-            for s in states:
-                s[k] = v.to(device=s[k].device, dtype=s[k].dtype, copy=True)
+        store_running(states, step)
         return False
