@@ -18,24 +18,13 @@ from typing import Any
 import torch
 
 from agnostic_optim import engine
-from agnostic_optim.adapters._torch_plan import XP, Subset, prepare_scalars
-
-
-class DifferentiableLayout:
-    """Nothing kept between steps: each step reads the tensors as they are."""
-
-    def __init__(self) -> None:
-        self.viewed: list[torch.Tensor] = []
+from agnostic_optim.adapters._torch_plan import XP, NothingKept, Subset, prepare_scalars
 
 
 class DifferentiableExecutor:
     """Runs steps with autograd recording (grad mode is on: see the front's ``step``)."""
 
-    @staticmethod
-    def lay_out(
-        rule: engine.Rule, params: list[torch.Tensor], buffers: dict[str, list], flags: list | None
-    ) -> DifferentiableLayout:
-        return DifferentiableLayout()
+    lay_out = NothingKept.lay_out
 
     @staticmethod
     def step(

@@ -66,6 +66,19 @@ class Executor(Protocol):
         ...
 
 
+class NothingKept:
+    """The layout of an executor that keeps nothing between steps (each step reads the tensors
+    as they are): the differentiable and sparse executors'."""
+
+    viewed: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    def lay_out(
+        cls, rule: engine.Rule, params: list, buffers: dict[str, list], flags: list | None
+    ) -> NothingKept:
+        return cls()
+
+
 class Subset:
     """Params of one group that share a step count, with what their step reuses."""
 

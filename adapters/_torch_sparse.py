@@ -20,14 +20,7 @@ from typing import Any
 import torch
 
 from agnostic_optim import engine
-from agnostic_optim.adapters._torch_plan import XP, Subset, prepare_scalars, store_running
-
-
-class SparseLayout:
-    """Nothing kept between steps: each step's support is its own."""
-
-    def __init__(self) -> None:
-        self.viewed: list[torch.Tensor] = []
+from agnostic_optim.adapters._torch_plan import XP, NothingKept, Subset, prepare_scalars, store_running
 
 
 def _support(grad: torch.Tensor) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor]:
@@ -41,11 +34,7 @@ def _support(grad: torch.Tensor) -> tuple[tuple[torch.Tensor, ...] | None, torch
 class SparseExecutor:
     """Runs steps on the support of each param's gradient (see the module docstring)."""
 
-    @staticmethod
-    def lay_out(
-        rule: engine.Rule, params: list[torch.Tensor], buffers: dict[str, list], flags: list | None
-    ) -> SparseLayout:
-        return SparseLayout()
+    lay_out = NothingKept.lay_out
 
     @staticmethod
     def step(
