@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -49,7 +50,7 @@ from agnostic_optim.adapters._torch_plan import (
 )
 from agnostic_optim.adapters._torch_private import COMPILED_UNAVAILABLE, dict_version, set_grad_enabled
 from agnostic_optim.adapters._torch_sparse import SparseExecutor
-from agnostic_optim.hparams import is_scheduled
+from agnostic_optim.hparams import check_value, is_scheduled
 
 # The torch class of every registered factory, by name (``adapters.torch`` defines them; tests
 # check that none is missing): torch's names where torch has the optimizer.
@@ -260,6 +261,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             for p, step in zip(fresh, shared_counters([0.0] * len(fresh))):
                 self.state[p].update(initial_param_state(rule, p, step))
 
+    def _check_values(self, group: dict[str, Any]) -> None:
+        """A group's hyperparameters, as ``set_hparams`` checks them (a NaN lr, a beta of 1.5
+        set between steps); tensors are not read (a host sync)."""
+        for name in self._optimizer_for(group).rule.hparams:
+            value = group.get(name)
+            if value is not None and not is_scheduled(value):
+                check_value(name, value)
+
     def _refuse_for_sparse_only(self, group: dict[str, Any]) -> None:
         index = len(self.param_groups) - 1
         for what, test in (
@@ -296,6 +305,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         """A copy (``copy.deepcopy``, pickle) rebuilds its caches: rules, executors, plans.
         ``load_state_dict`` also comes through here: it keeps the rules and executors (their
         compiled steps), so a resumed run does not compile again."""
+        if hasattr(self, "_rules") and set(state) == {"state", "param_groups"}:  # load_state_dict's
+            self._check_loaded(state["state"], state["param_groups"])  # (before anything changes)
         super().__setstate__(state)
         self._factory_options = tuple(factory_defaults(self._factory).items())
         if not hasattr(self, "_rules"):  # a copy being made
@@ -306,6 +317,40 @@ class TorchOptimizer(torch.optim.Optimizer):
             group.update(self._group_constants)
         self._hparam_tensors, self._plans = {}, {}
 
+    def _check_loaded(self, param_state: Mapping[Any, Any], groups: list[dict[str, Any]]) -> None:
+        """Raise unless a loaded state suits this optimizer: every group's hyperparameters as
+        the constructor checks them, and every param's entries those its rule keeps (a state
+        dict of another optimizer is refused), in their shapes, with a finite, non-negative
+        ``step``. Runs before ``load_state_dict`` changes anything."""
+        name = type(self).__name__
+        for g, group in enumerate(groups):
+            self._validate(group)
+            rule = self._optimizer_for(group).rule
+            buffers = set(engine.buffer_names(rule))
+            kept = buffers | set(rule.scalars) | {"step"}
+            for i, p in enumerate(group["params"]):
+                entries = param_state.get(p)
+                if not entries:
+                    continue
+                unknown, missing = set(entries) - kept, buffers - set(entries)
+                if unknown or (missing and missing != buffers):
+                    raise ValueError(
+                        f"{name}.load_state_dict: param {i} of group {g} holds {sorted(entries)}; "
+                        f"{rule.name} keeps {sorted(kept)} (a state dict of another optimizer or options?)"
+                    )
+                for key in buffers & set(entries):
+                    shape = rule.buffer_shape(key, tuple(p.shape))
+                    value = entries[key]
+                    if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                        raise ValueError(
+                            f"{name}.load_state_dict: {key!r} of param {i} of group {g} has shape "
+                            f"{tuple(value.shape)}; the param needs {shape}"
+                        )
+                step = entries.get("step")
+                if step is not None and not (math.isfinite(float(step)) and float(step) >= 0):
+                    raise ValueError(f"{name}.load_state_dict: param {i} of group {g} has step {float(step)}")
+
+    # ---------------------------------------------------------------- building the core rule
     # ---------------------------------------------------------------- building the core rule
 
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -426,6 +471,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             # a group as the plan last saw it (its dict's version tag) keeps its options: its rule
             version = dict_version(group) if dict_version is not None else None
             reuse = plan is not None and version is not None and plan.group_version == version
+            if not reuse:  # (a group edited since the last step: its values are checked again)
+                self._check_values(group)
             rule = plan.rule if reuse else self._optimizer_for(group).rule
             # (the compiled step checks for sparse gradients where its graph does not take them)
             if not self._compile:

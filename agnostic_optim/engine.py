@@ -40,6 +40,7 @@ EXECUTOR_CONTRACT = (
     "StepScalars",
     "apply_rule",
     "buffer_names",
+    "check_state",
     "flatten_step_inputs",
     "init_rule_state",
     "leaf_groups",
@@ -168,6 +169,9 @@ class Rule:
         so an adapter may run it on several leaves packed into one operand (the torch adapter's
         ``_foreach`` lists). False for rules that reshape, reduce over axes or multiply matrices
         (Shampoo, AdaHessian's spatial averaging): they run leaf by leaf.
+      buffer_shape: ``buffer_shape(name, param_shape)``, the shape of a leaf's buffer (the
+        param's unless ``init_buffer`` makes another: Shampoo's flattened statistics); steps
+        check every state buffer against it.
       sparse_support: True when an element whose gradient is zero keeps its param and state
         (Adagrad; SGD without momentum or weight decay), or when the rule is defined on the
         gradient's support (SparseAdam's lazy moments): a sparse gradient may then be applied
@@ -190,6 +194,7 @@ class Rule:
     elementwise: bool = True
     batchable: bool = True
     sparse_support: bool = False
+    buffer_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda name, shape: shape
 
 
 # --------------------------------------------------------------------------- validation
@@ -208,12 +213,16 @@ def _params_namespace(leaves: list[Array], what: str) -> Any:
     return xp
 
 
-def _check_like(params: list[Array], others: list[Array], what: str) -> None:
+def _check_like(params: list[Array], others: list[Array], what: str, tree: PyTree = None) -> None:
+    """Raise if a leaf of ``others`` differs from its param in shape or dtype, naming it by its
+    path in ``tree`` (``grads['encoder']['w'] has shape (2, 3), params have (3, 2)``)."""
     for i, (p, o) in enumerate(zip(params, others)):
+        if tuple(o.shape) == tuple(p.shape) and o.dtype == p.dtype:
+            continue
+        name = trees.leaf_paths(tree, what)[i] if tree is not None else f"{what} leaf {i}"
         if tuple(o.shape) != tuple(p.shape):
-            raise ValueError(f"{what} leaf {i} has shape {tuple(o.shape)}, param has {tuple(p.shape)}")
-        if o.dtype != p.dtype:
-            raise TypeError(f"{what} leaf {i} has dtype {o.dtype}, param has {p.dtype}")
+            raise ValueError(f"{name} has shape {tuple(o.shape)}, params have {tuple(p.shape)}")
+        raise TypeError(f"{name} has dtype {o.dtype}, params have {p.dtype}")
 
 
 def flatten_step_inputs(grads: PyTree, params: PyTree) -> tuple[Any, list, list, Any]:
@@ -222,7 +231,7 @@ def flatten_step_inputs(grads: PyTree, params: PyTree) -> tuple[Any, list, list,
     xp = _params_namespace(param_leaves, "params")
     grad_leaves = trees.flatten_like(treedef, grads, "grads")
     _backend.namespace_of(*param_leaves, *grad_leaves)
-    _check_like(param_leaves, grad_leaves, "grads")
+    _check_like(param_leaves, grad_leaves, "grads", grads)
     return xp, grad_leaves, param_leaves, treedef
 
 
@@ -518,6 +527,37 @@ def update_leaves(
     return outputs, new_buffers
 
 
+def check_state(
+    rule: Rule, xp: Any, state: OptimizerState, params: list[Array], buffers: Mapping[str, list[Array]]
+) -> None:
+    """Raise unless ``state`` is one ``rule``'s init made for params like these: the same
+    hyperparameters (a state of another optimizer is refused, not stepped with its values), and
+    every buffer leaf in the shape and dtype the rule keeps it (a state made for other shapes
+    would broadcast; one made for other dtypes would step them)."""
+    held = set(state.hparams) | set(state.scheduled)
+    if held != set(rule.hparams):
+        raise ValueError(
+            f"{rule.name}: this state was made by another optimizer or other options: it holds "
+            f"hyperparameters {sorted(held)}, {rule.name} has {sorted(rule.hparams)}"
+        )
+    precision = rule.precision
+    for name, leaves in buffers.items():
+        for i, (p, leaf) in enumerate(zip(params, leaves)):
+            shape = (
+                tuple(p.shape) if name == precision.extra_buffer else rule.buffer_shape(name, tuple(p.shape))
+            )
+            if name == precision.extra_buffer:
+                dtype = p.dtype if precision.compensation == "kahan" else precision.compute_dtype(xp, p)
+            else:
+                dtype = precision.storage_dtype(xp, p)
+            if tuple(leaf.shape) != shape or leaf.dtype != dtype:
+                raise ValueError(
+                    f"{rule.name}: state buffer {name!r} leaf {i} has shape {tuple(leaf.shape)} and dtype "
+                    f"{leaf.dtype}; for its param ({tuple(p.shape)}, {p.dtype}) it must have "
+                    f"{shape} and {dtype} (a state made for other params)"
+                )
+
+
 def apply_rule(
     rule: Rule,
     state: OptimizerState,
@@ -546,12 +586,13 @@ def apply_rule(
     buffer_leaves = {
         name: trees.flatten_like(treedef, state.buffers[name], f"state buffer {name!r}") for name in names
     }
+    check_state(rule, xp, state, param_leaves, buffer_leaves)
     leaf_inputs = {}
     for name in rule.leaf_inputs:
         value = inputs.get(name)
         if value is not None:
             leaf_inputs[name] = trees.flatten_like(treedef, value, name)
-            _check_like(param_leaves, leaf_inputs[name], name)
+            _check_like(param_leaves, leaf_inputs[name], name, value)
     flags = resolve_mask(rule.mask, params) if rule.mask is not None else None
 
     step = prepare_step(rule, state, xp, grad_leaves, param_leaves, inputs)

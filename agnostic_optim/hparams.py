@@ -82,6 +82,25 @@ def convention_defaults(**table: tuple[Any, Any]) -> Callable[[Callable[..., Any
     return decorate
 
 
+# The hyperparameter each ``check_range`` name stands for, so that a value set later
+# (``set_hparams``, a schedule's number, a torch param group edited between steps) is checked
+# against the limits construction checked it against.
+_KEYS = {
+    "learning rate": "lr",
+    "epsilon value": "eps",
+    "weight_decay value": "weight_decay",
+    "momentum value": "momentum",
+    "lr_decay value": "lr_decay",
+    "alpha value": "alpha",
+    "momentum_decay value": "momentum_decay",
+    "Hessian power value": "hessian_power",
+    "rho parameter": "rho",
+    "Max grad norm": "max_grad_norm",
+}
+# key -> the intervals factories allow it (their union is checked: names are shared)
+LIMITS: dict[str, set[tuple[float | None, float | None, bool, bool, bool]]] = {}
+
+
 def check_range(
     name: str,
     value: Any,
@@ -90,23 +109,60 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    finite: bool = True,
 ) -> None:
-    """Raise ``ValueError`` if a concrete hyperparameter lies outside its valid interval.
+    """Raise if a hyperparameter given at construction is not a number, a 0-d array or a
+    schedule (``TypeError`` naming it), or lies outside its interval (``ValueError``, in
+    torch.optim's words: ``Invalid learning rate: -1.0``). Non-finite numbers are refused
+    unless ``finite=False``. The interval is remembered under the hyperparameter's key for
+    :func:`check_value`.
 
-    Schedules and arrays are not inspected (reading an array's value would force a host sync).
+    Schedules and arrays are not inspected (reading an array's value would force a host sync;
+    a traced schedule's values are checked nowhere, as under ``jax.jit`` they cannot be).
     """
-    if is_scheduled(value) or not isinstance(value, numbers.Real):
+    LIMITS.setdefault(_KEYS.get(name, name), set()).add((low, high, low_open, high_open, finite))
+    if is_scheduled(value) or hasattr(value, "shape"):
         return
-    ok = not math.isnan(value)
-    if low is not None:
-        ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"Invalid {name}: {value!r} is a {type(value).__name__}; expected a number, a 0-d array "
+            "or a schedule"
+        )
+    if not _inside(value, low, high, low_open, high_open, finite):
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
         interval = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
-        raise ValueError(f"Invalid {name}: {value!r} (must lie in {interval})")
+        finiteness = "finite, " if finite else ""
+        raise ValueError(f"Invalid {name}: {value!r} (must be {finiteness}in {interval})")
+
+
+def _inside(value: float, low: Any, high: Any, low_open: bool, high_open: bool, finite: bool) -> bool:
+    if math.isnan(value) or (finite and math.isinf(value)):
+        return False
+    if low is not None and not (value > low if low_open else value >= low):
+        return False
+    return high is None or (value < high if high_open else value <= high)
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise if a value given for hyperparameter ``key`` after construction is not a number or
+    scalar array, or (a number) lies outside every interval a factory allows for ``key``
+    (``ValueError`` naming it). Arrays are not read (a host sync); nor are traced values."""
+    if isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            check_value(f"{key}[{i}]" if key != "betas" else "betas", v)
+        return
+    if hasattr(value, "shape"):
+        if math.prod(value.shape) != 1:
+            raise ValueError(f"Invalid {key}: an array of shape {tuple(value.shape)} (expected one value)")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {key}: {value!r} is a {type(value).__name__}; expected a number")
+    limits = LIMITS.get(key)
+    if limits and not any(_inside(float(value), *limit) for limit in limits):
+        raise ValueError(f"Invalid {key}: {value!r} (outside the range its optimizer allows)")
+    if not limits and not math.isfinite(value):
+        raise ValueError(f"Invalid {key}: {value!r} (must be finite)")
 
 
 def check_betas(betas: Any, count: int, name: str = "betas") -> None:
@@ -115,6 +171,7 @@ def check_betas(betas: Any, count: int, name: str = "betas") -> None:
     for i, b in enumerate(betas):  # (torch.optim's wording for ``betas``)
         what = f"beta parameter at index {i}" if name == "betas" else f"{name}[{i}]"
         check_range(what, b, 0.0, 1.0, high_open=True)
+    LIMITS.setdefault(name, set()).add((0.0, 1.0, False, True, True))
 
 
 def to_state(
@@ -146,16 +203,18 @@ def evaluate_schedules(
     xp: Any, schedules: Mapping[str, Callable[[Any], Any]], count: Any, like: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Each schedule's value at ``count`` as a 0-d array with the dtype/device of ``like[name]``
-    (entry by entry for tuples such as ``betas``)."""
+    (entry by entry for tuples such as ``betas``). A schedule that returns a Python number is
+    checked as ``set_hparams`` checks it (an array is not read: a host sync, or a traced value)."""
 
-    def convert(value: Any, ref: Any) -> Any:
+    def convert(name: str, value: Any, ref: Any) -> Any:
         if isinstance(ref, tuple):
-            return tuple(convert(v, r) for v, r in zip(value, ref))
+            return tuple(convert(name, v, r) for v, r in zip(value, ref))
         if hasattr(value, "shape"):
             return xp.astype(xp.asarray(value), ref.dtype)
+        check_value(name, value)
         return xp.asarray(value, dtype=ref.dtype, device=_backend.device_of(ref))
 
-    return {name: convert(_evaluate(spec, count), like[name]) for name, spec in schedules.items()}
+    return {name: convert(name, _evaluate(spec, count), like[name]) for name, spec in schedules.items()}
 
 
 def replace(hparams: Mapping[str, Any], name: str, value: Any) -> dict[str, Any]:
@@ -246,4 +305,6 @@ def set_hparams(state: Any, **values: Any) -> Any:
             "A term given as a literal 0 at construction (weight_decay=0, momentum=0) is "
             "switched off structurally and cannot be set later."
         )
+    for name, value in values.items():  # (checked as construction checks them)
+        check_value(name, value)
     return new_state

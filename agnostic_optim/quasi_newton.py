@@ -333,8 +333,8 @@ def lbfgs(
     ``2 · history_size`` copies of the params (see :class:`LBFGSState`).
     """
     check_range("learning rate", lr)
-    check_range("tolerance_grad", tolerance_grad, None)  # (±inf: torch.optim.LBFGS accepts them)
-    check_range("tolerance_change", tolerance_change, None)
+    check_range("tolerance_grad", tolerance_grad, None, finite=False)  # (±inf, as torch.optim.LBFGS)
+    check_range("tolerance_change", tolerance_change, None, finite=False)
     _check_int("max_iter", max_iter, 1)
     _check_int("history_size", history_size, 1)
     if max_eval is None:

@@ -194,6 +194,9 @@ def shampoo(
             prepare=prepare if stale_roots else None,
             buffers=("preconditioners", "inverse_roots") + (("momentum_buffer",) if use_momentum else ()),
             init_buffer=init_buffer,
+            buffer_shape=lambda name, shape: (
+                shape if name == "momentum_buffer" else (_layout(shape, max_preconditioner_dim)[1],)
+            ),
             maximize=maximize,
             elementwise=False,
             batchable=False,  # matrix products on each leaf's own array

@@ -148,11 +148,44 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 
 def flatten_like(treedef: Any, tree: PyTree, what: str) -> list[Any]:
-    """Leaves of ``tree``, with a clear error if its structure differs from ``treedef``."""
+    """Leaves of ``tree``, with an error naming the leaves where its structure differs from
+    ``treedef``'s (``grads: missing ['b'], unexpected ['c']``)."""
     leaves, other = flatten(tree)
     if other != treedef:
-        raise ValueError(f"{what} must have the same tree structure as params: {other} != {treedef}")
+        raise ValueError(structure_mismatch(treedef, tree, what))
     return leaves
+
+
+def structure_mismatch(treedef: Any, tree: PyTree, what: str) -> str:
+    """What differs between ``tree`` and the structure ``treedef`` describes, by leaf path."""
+    expected = [path for path, _ in flatten_with_paths(unflatten(treedef, [0] * num_leaves(treedef)))[0]]
+    found = [path for path, _ in flatten_with_paths(tree)[0]]
+    missing = [path_repr(p, what) for p in expected if p not in set(found)]
+    unexpected = [path_repr(p, what) for p in found if p not in set(expected)]
+    parts = [f"missing {_listed(missing)}"] if missing else []
+    parts += [f"unexpected {_listed(unexpected)}"] if unexpected else []
+    if not parts:  # the same leaf paths in other containers (a tuple for a list, ...)
+        parts = [f"the same leaves in other containers ({type(tree).__name__} against the params')"]
+    return f"{what} must have the structure of params: {'; '.join(parts)}"
+
+
+def _listed(paths: list[str], most: int = 8) -> str:
+    shown = ", ".join(paths[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def num_leaves(treedef: Any) -> int:
+    return treedef.num_leaves
+
+
+def path_repr(path: KeyPath, root: str = "") -> str:
+    """A leaf's path as Python would index it: ``grads['encoder']['w']``, ``params[0]``."""
+    return root + "".join(f"[{k!r}]" for k in path) if path else (root or "<root>")
+
+
+def leaf_paths(tree: PyTree, root: str) -> list[str]:
+    """Every leaf of ``tree`` as :func:`path_repr` writes it, in leaf order."""
+    return [path_repr(path, root) for path, _ in flatten_with_paths(tree)[0]]
 
 
 def paths_str(path: KeyPath) -> str:
