@@ -81,6 +81,7 @@ class ArrayOptimizer:
             raise ValueError("params holds no arrays")
         for leaf in leaves:
             _check_writeable(leaf)
+        _refuse_shared(leaves, params)
         self.params = params
         self.opt = opt
         self.chunk_elements = chunk_elements
@@ -104,6 +105,10 @@ class ArrayOptimizer:
             name: trees.flatten_like(self._treedef, tree, f"state buffer {name!r}")
             for name, tree in self.state.buffers.items()
         }
+        if self._layout is None or not self._layout.made_for([*param_leaves], 0, prefix=True):
+            # (leaves rebound since the last step: checked before anything is written)
+            _refuse_shared(param_leaves, self.params)
+            engine.check_state(rule, xp, self.state, param_leaves, buffer_leaves)
         size = self.chunk_elements if rule.elementwise and rule.mask is None else 0
         layout = self._layout_for(xp, param_leaves, buffer_leaves, size)
         grad_leaves = layout.unaliased(grad_leaves)
@@ -213,6 +218,26 @@ def _check_writeable(leaf: Any) -> None:
         ) from None
 
 
+def _refuse_shared(leaves: list, params: PyTree) -> None:
+    """Refuse two param leaves that are one array, or (NumPy) views of overlapping memory:
+    an in-place step would write one param's update over the other's."""
+    seen: dict[int, int] = {}
+    for i, leaf in enumerate(leaves):
+        if id(leaf) in seen:
+            names = trees.leaf_paths(params, "params")
+            raise ValueError(f"{names[seen[id(leaf)]]} and {names[i]} are the same array")
+        seen[id(leaf)] = i
+    if not array_api_compat.is_numpy_array(leaves[0]):
+        return
+    reach, owner = -1, -1  # the furthest end among the ranges so far, and its leaf
+    for start, end, j in sorted((*byte_bounds(leaf), i) for i, leaf in enumerate(leaves) if leaf.size):
+        if start < reach and np.shares_memory(leaves[owner], leaves[j]):
+            names = trees.leaf_paths(params, "params")
+            raise ValueError(f"{names[owner]} and {names[j]} share memory (views of one array)")
+        if end > reach:
+            reach, owner = end, j
+
+
 class _StepLayout:
     """What a step needs about its params and buffers, made once for the same arrays: chunk
     views, leaf groups of recorded steps (None: direct steps), and the memory they own, so
@@ -232,7 +257,11 @@ class _StepLayout:
         elif array_api_compat.is_torch_array(leaves[0]):
             self.storages = {leaf.untyped_storage().data_ptr() for leaf in leaves}
 
-    def made_for(self, leaves: list, size: int) -> bool:
+    def made_for(self, leaves: list, size: int, prefix: bool = False) -> bool:
+        """Whether the layout was made for these arrays (``prefix``: these params, whatever the
+        chunk size) and this chunk size."""
+        if prefix:
+            return len(leaves) <= len(self.leaves) and all(map(operator.is_, leaves, self.leaves))
         return (
             size == self.size
             and len(leaves) == len(self.leaves)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_optim import _backend, trees
+from agnostic_optim import hparams as hp
 
 PyTree = Any
 
@@ -114,9 +116,12 @@ def load_state(
         metadata = _metadata(raw)
     except (SafetensorError, ValueError, json.JSONDecodeError) as error:
         raise ValueError(f"{os.fspath(path)}: not a readable safetensors file ({error})") from None
-    expected = metadata.get(CHECKSUM_KEY)
-    if expected is not None and expected != _checksum(arrays):
+    # (a file with no metadata at all is an older save_state's; any other must hold its checksum)
+    if metadata and (
+        set(metadata) != {CHECKSUM_KEY, LAYOUTS_KEY} or metadata[CHECKSUM_KEY] != _checksum(arrays)
+    ):
         raise ValueError(f"{os.fspath(path)}: its tensors do not match the checksum it was saved with")
+    _check_values(arrays, os.fspath(path))
     saved_layouts = json.loads(metadata.get(LAYOUTS_KEY, "{}"))
     renamed = {}
     for key, value in arrays.items():
@@ -124,6 +129,24 @@ def load_state(
         _check_layout(key, new, value, saved_layouts, layouts or {})
         renamed[new] = value
     return state_from_dict(like, renamed)
+
+
+def _check_values(arrays: Mapping[str, Any], where: str) -> None:
+    """Refuse step counts that are negative or not whole, and hyperparameters their optimizer
+    would refuse (a NaN lr), in a file that passed its checksum (written so by someone)."""
+    for key, value in arrays.items():
+        parts = key.split(".")
+        if np.ndim(value) != 0:
+            continue
+        number = float(value)
+        if parts[-1] == "count" and not (math.isfinite(number) and number >= 0 and number == int(number)):
+            raise ValueError(f"{where}: {key} is {number}, not a step count")
+        if "hparams" in parts[:-1]:
+            name = parts[parts.index("hparams") + 1]
+            try:
+                hp.check_value(name, number)
+            except ValueError as error:
+                raise ValueError(f"{where}: {key}: {error}") from None
 
 
 def _renamed(key: str, rename: Mapping[str, str] | Callable[[str], str] | None) -> str:
