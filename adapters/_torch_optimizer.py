@@ -480,6 +480,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             executor = self._executor(sparse=not self._compile and any(map(_IS_SPARSE, grads)))
             rebuilt = plan is None or not plan.matches(group, rule, params, self.state, executor)
             if rebuilt:
+                if len(set(map(id, params))) != len(params):  # (torch.optim warned at construction)
+                    raise ValueError(
+                        f"{type(self).__name__}: a param is listed twice in a param group; "
+                        "its step would be taken twice"
+                    )
                 if self._compile:  # (before any state is made)
                     refuse_sparse(type(self).__name__, grads)
                 if any(p.is_complex() for p in params):

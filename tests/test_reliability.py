@@ -195,6 +195,23 @@ def test_torch_load_state_dict_refuses_another_optimizers_state_before_changing_
 
 
 @torch_only
+def test_torch_param_listed_twice_is_refused_at_the_step() -> None:
+    """torch.optim warns at construction (its own test asks for the warning) and then steps
+    such a param twice; ours warns the same and refuses the step before anything moves."""
+    import torch
+
+    from agnostic_optim.adapters import torch as ours
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = ours.SGD([weight, weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.step()
+    assert torch.equal(weight.detach(), torch.ones(3))
+
+
+@torch_only
 def test_torch_group_edited_between_steps_is_checked_before_any_group_moves() -> None:
     import torch
 
