@@ -174,9 +174,7 @@ class ArrayOptimizer:
             self._program.discard()
             raise
         self._program.run()
-        self.state = engine.OptimizerState(
-            step.count, self.state.hparams, step.scheduled, self.state.buffers, step.running
-        )
+        self.state = self.state._replace(count=step.count, scheduled=step.scheduled, scalars=step.running)
         return True
 
     def __getstate__(self) -> dict[str, Any]:

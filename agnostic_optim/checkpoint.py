@@ -51,6 +51,7 @@ def state_from_dict(like: PyTree, arrays: dict[str, Any]) -> PyTree:
 
 # safetensors metadata (strings): the layouts of the params' weights, and a checksum
 LAYOUTS_KEY = "agnostic_optim.layouts"  # JSON {param path: layout}
+RULES_KEY = "agnostic_optim.rules"  # JSON [the rule of each optimizer state inside, in order]
 CHECKSUM_KEY = "agnostic_optim.sha256"  # of every tensor's name, dtype, shape and bytes, in name order
 # What a weight's axes mean, where moving a state between frameworks depends on it: torch's
 # nn.Linear weight is (out, in) and its convolutions' (out, in, *kernel); flax's Dense and Conv
@@ -80,7 +81,11 @@ def save_state(path: str | os.PathLike, state: PyTree, *, layouts: Mapping[str, 
     for name, layout in (layouts or {}).items():
         if layout not in LAYOUTS:
             raise ValueError(f"layout of {name!r}: {layout!r} is not one of {sorted(LAYOUTS)}")
-    metadata = {CHECKSUM_KEY: _checksum(host), LAYOUTS_KEY: json.dumps(dict(layouts or {}), sort_keys=True)}
+    metadata = {
+        CHECKSUM_KEY: _checksum(host),
+        LAYOUTS_KEY: json.dumps(dict(layouts or {}), sort_keys=True),
+        RULES_KEY: json.dumps(_rules(state)),
+    }
     _write_atomically(os.fspath(path), save(host, metadata=metadata))
 
 
@@ -118,9 +123,12 @@ def load_state(
         raise ValueError(f"{os.fspath(path)}: not a readable safetensors file ({error})") from None
     # (a file with no metadata at all is an older save_state's; any other must hold its checksum)
     if metadata and (
-        set(metadata) != {CHECKSUM_KEY, LAYOUTS_KEY} or metadata[CHECKSUM_KEY] != _checksum(arrays)
+        set(metadata) != {CHECKSUM_KEY, LAYOUTS_KEY, RULES_KEY} or metadata[CHECKSUM_KEY] != _checksum(arrays)
     ):
         raise ValueError(f"{os.fspath(path)}: its tensors do not match the checksum it was saved with")
+    saved_rules, rules = json.loads(metadata.get(RULES_KEY, "[]")), _rules(like)
+    if any(a and b and a != b for a, b in zip(saved_rules, rules)):
+        raise ValueError(f"{os.fspath(path)}: a state of {saved_rules} does not load into one of {rules}")
     _check_values(arrays, os.fspath(path))
     saved_layouts = json.loads(metadata.get(LAYOUTS_KEY, "{}"))
     renamed = {}
@@ -129,6 +137,11 @@ def load_state(
         _check_layout(key, new, value, saved_layouts, layouts or {})
         renamed[new] = value
     return state_from_dict(like, renamed)
+
+
+def _rules(state: PyTree) -> list[str]:
+    """The rule of every optimizer state inside ``state`` (a chain's, a wrapper's), in order."""
+    return [node.rule for node in hp.rule_states(state) if hasattr(node, "rule")]
 
 
 def _check_values(arrays: Mapping[str, Any], where: str) -> None:

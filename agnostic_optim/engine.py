@@ -46,6 +46,7 @@ EXECUTOR_CONTRACT = (
     "leaf_groups",
     "prepare_step",
     "resolve_mask",
+    "rule_identity",
     "scalar_dtype",
     "update_leaves",
 )
@@ -76,6 +77,9 @@ class OptimizerState(NamedTuple):
       scheduled: name -> 0-d array, the value a schedule gave at the latest step.
       buffers:   name -> pytree shaped like params (per-leaf state, named as torch.optim names it).
       scalars:   name -> 0-d array, running scalars that are not per leaf (NAdam's mu_product).
+      rule:      the optimizer that made it (:func:`rule_identity`: its name and options), a
+                 static part of the tree, not a leaf: a step refuses another rule's state
+                 ("": unknown, not checked; adapters that assemble a state have none).
     """
 
     count: Array
@@ -83,6 +87,10 @@ class OptimizerState(NamedTuple):
     scheduled: dict[str, Array]
     buffers: dict[str, PyTree]
     scalars: dict[str, Array]
+    rule: str = ""
+
+
+trees.register_static_fields(OptimizerState, ("rule",))
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,7 +394,7 @@ def init_rule_state(rule: Rule, params: PyTree) -> OptimizerState:
         )
     scalars = {k: _backend.scalar(xp, v, dtype, device) for k, v in rule.scalars.items()}
     count = xp.asarray(0, dtype=xp.int32, device=device)
-    return OptimizerState(count, constants, scheduled, buffers, scalars)
+    return OptimizerState(count, constants, scheduled, buffers, scalars, rule_identity(rule))
 
 
 @dataclass(frozen=True)
@@ -527,6 +535,17 @@ def update_leaves(
     return outputs, new_buffers
 
 
+def rule_identity(rule: Rule) -> str:
+    """What a state records of the rule that made it: its name, and the options that change
+    its equations without showing in its hyperparameters or buffers (``maximize``, the state
+    dtype and compensation)."""
+    precision = rule.precision
+    options = [f"maximize={rule.maximize}"] if rule.maximize else []
+    if precision.state_dtype is not None or precision.compensation is not None:
+        options.append(f"state_dtype={precision.state_dtype}, compensation={precision.compensation}")
+    return f"{rule.name}({', '.join(options)})"
+
+
 def check_state(
     rule: Rule, xp: Any, state: OptimizerState, params: list[Array], buffers: Mapping[str, list[Array]]
 ) -> None:
@@ -534,6 +553,8 @@ def check_state(
     hyperparameters (a state of another optimizer is refused, not stepped with its values), and
     every buffer leaf in the shape and dtype the rule keeps it (a state made for other shapes
     would broadcast; one made for other dtypes would step them)."""
+    if state.rule and state.rule != rule_identity(rule):
+        raise ValueError(f"{rule.name}: this state was made by another optimizer or options ({state.rule})")
     held = set(state.hparams) | set(state.scheduled)
     if held != set(rule.hparams):
         raise ValueError(
@@ -614,6 +635,7 @@ def apply_rule(
         scheduled=step.scheduled,
         buffers={name: trees.unflatten(treedef, leaves) for name, leaves in new_buffers.items()},
         scalars=step.running,
+        rule=state.rule,
     )
     return new_state, trees.unflatten(treedef, outputs)
 

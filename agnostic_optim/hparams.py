@@ -246,13 +246,13 @@ def _is_rule_state(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "hparams") and hasattr(node, "scheduled")
 
 
-def _rule_states(state: Any):
+def rule_states(state: Any):
     """Every rule state (``OptimizerState``) inside a wrapper state (tuples and NamedTuples)."""
     if _is_rule_state(state):
         yield state
     elif isinstance(state, (tuple, list)):
         for child in state:
-            yield from _rule_states(child)
+            yield from rule_states(child)
 
 
 def get_hparams(state: Any) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def get_hparams(state: Any) -> dict[str, Any]:
     (``chain``, wrappers) the names of every component are merged; the outermost wins a clash.
     """
     found: dict[str, Any] = {}
-    for node in _rule_states(state):
+    for node in rule_states(state):
         for name, value in {**node.hparams, **node.scheduled}.items():
             found.setdefault(name, value)
     return found

@@ -18,9 +18,51 @@ PyTree = Any
 KeyPath = tuple[Hashable, ...]
 
 
+# NamedTuple types with static fields: Python values that describe a node rather than hold
+# data (an optimizer state's ``rule``), kept in the tree's structure, not among its leaves
+_STATIC: dict[type, tuple[str, ...]] = {}
+_REGISTERED_WITH_JAX: set[type] = set()
+
+
+def register_static_fields(cls: type, fields: tuple[str, ...]) -> None:
+    """Make ``fields`` of the NamedTuple ``cls`` static: part of a tree's structure (compared
+    with it, kept by ``jax.jit`` as part of the treedef), not leaves (never traced, never
+    saved in a checkpoint's arrays)."""
+    _STATIC[cls] = fields
+    _register_with_jax()
+
+
+def _register_with_jax() -> None:
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
+    tu = jax.tree_util
+    for cls, fields in _STATIC.items():
+        if cls in _REGISTERED_WITH_JAX:
+            continue
+        dynamic = tuple(f for f in cls._fields if f not in fields)
+
+        def flatten_with_keys(node: Any, dynamic: tuple[str, ...] = dynamic, fields: tuple = fields):
+            children = [(tu.GetAttrKey(f), getattr(node, f)) for f in dynamic]
+            return children, tuple(getattr(node, f) for f in fields)
+
+        def flatten(node: Any, dynamic: tuple[str, ...] = dynamic, fields: tuple = fields):
+            return tuple(getattr(node, f) for f in dynamic), tuple(getattr(node, f) for f in fields)
+
+        def unflatten(statics: tuple, children: Any, cls: type = cls, dynamic=dynamic, fields=fields):
+            return cls(**dict(zip(dynamic, children)), **dict(zip(fields, statics)))
+
+        tu.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+        _REGISTERED_WITH_JAX.add(cls)
+
+
 def _jax_tree_util() -> Any:
     jax = sys.modules.get("jax")
-    return jax.tree_util if jax is not None else None
+    if jax is None:
+        return None
+    if len(_REGISTERED_WITH_JAX) != len(_STATIC):  # (JAX was imported after the registrations)
+        _register_with_jax()
+    return jax.tree_util
 
 
 def _is_namedtuple(node: Any) -> bool:
@@ -40,7 +82,9 @@ def _children(node: Any) -> tuple[Any, list[tuple[Hashable, Any]]] | None:
             keys = list(node)
         return (("dict", tuple(keys)), [(k, node[k]) for k in keys])
     if _is_namedtuple(node):
-        return (("namedtuple", type(node)), list(zip(type(node)._fields, node)))
+        static = _STATIC.get(type(node), ())
+        items = [(f, v) for f, v in zip(type(node)._fields, node) if f not in static]
+        return (("namedtuple", type(node), tuple(getattr(node, f) for f in static)), items)
     if isinstance(node, (list, tuple)):
         return (("sequence", type(node), len(node)), list(enumerate(node)))
     return None
@@ -55,7 +99,10 @@ def _rebuild(kind: Any, children: list[Any]) -> Any:
     if tag == "dict":
         return dict(zip(kind[1], children))
     if tag == "namedtuple":
-        return kind[1](*children)
+        cls, statics = kind[1], kind[2]
+        fields = _STATIC.get(cls, ())
+        dynamic = [f for f in cls._fields if f not in fields]
+        return cls(**dict(zip(dynamic, children)), **dict(zip(fields, statics)))
     return kind[1](children)
 
 

@@ -131,6 +131,37 @@ def test_a_state_is_checked_against_its_params_and_optimizer() -> None:
         opt.step(ao.adamw(1e-3, weight_decay=0.1).init(params), params, params)  # (same buffers)
     with pytest.raises(ValueError, match="holds buffers"):
         opt.step(ao.sgd(lr=0.1, momentum=0.9).init(params), params, params)
+    with pytest.raises(ValueError, match=r"made by another optimizer or options \(adam\(\)\)"):
+        ao.lamb().step(opt.init(params), params, params)  # (the same buffers and hyperparameters)
+    with pytest.raises(ValueError, match=r"maximize=True"):
+        opt.step(ao.adam(1e-3, maximize=True).init(params), params, params)
+
+
+def test_a_checkpoint_loads_only_into_the_optimizer_that_saved_it(tmp_path: pathlib.Path) -> None:
+    params = tree()
+    checkpoint.save_state(tmp_path / "adam.safetensors", ao.adam().init(params))
+    with pytest.raises(
+        ValueError, match=r"a state of \['adam\(\)'\] does not load into one of \['lamb\(\)'\]"
+    ):
+        checkpoint.load_state(tmp_path / "adam.safetensors", like=ao.lamb().init(params))
+    state = checkpoint.load_state(tmp_path / "adam.safetensors", like=ao.adam().init(params))
+    assert state.rule == "adam()"
+
+
+def test_as_optax_reports_the_same_errors(jax_backend) -> None:
+    import jax.numpy as jnp
+
+    from agnostic_optim.adapters.jax import as_optax
+
+    params = {"encoder": {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}}
+    tx = as_optax(ao.adamw(1e-3))
+    state = tx.init(params)
+    with pytest.raises(
+        ValueError, match=r"grads\['encoder'\]\['w'\] has shape \(2, 3\), params have \(3, 2\)"
+    ):
+        tx.update({"encoder": {"w": jnp.ones((2, 3)), "b": jnp.ones(2)}}, state, params)
+    with pytest.raises(ValueError, match="made by another optimizer"):
+        as_optax(ao.lamb()).update(params, state, params)
 
 
 def test_array_optimizer_refuses_shared_arrays_and_checks_rebound_leaves() -> None:
