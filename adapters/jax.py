@@ -54,13 +54,29 @@ def as_optax(opt: ao.Optimizer) -> optax.GradientTransformationExtraArgs:
 
 
 def jit_step(opt: ao.Optimizer, *, donate: bool = True) -> Callable[..., tuple[PyTree, PyTree]]:
-    """``opt.step`` compiled with ``jax.jit``, donating the state and params buffers.
+    """``opt.step`` compiled with ``jax.jit``, donating the state and params buffers, and
+    returning them where they were: each output array has its input's sharding.
 
     With donation XLA writes the new state and params into the old buffers, so a step needs no
     second copy of either; the caller must not reuse the arrays it passed in. Hyperparameters
-    live in the state, so ``ao.set_hparams`` between calls does not retrace.
+    live in the state, so ``ao.set_hparams`` between calls does not retrace. On params sharded
+    over a mesh, every state leaf keeps the placement ``init`` gave it (a param-shaped buffer
+    its param's, a scalar replicated) whatever XLA would propagate from the gradients; that is
+    also what lets XLA reuse the donated buffers. One compilation per tree structure and
+    placement of the state and params.
     """
-    return jax.jit(opt.step, donate_argnums=(0, 2) if donate else ())
+    compiled: dict[Any, Callable[..., tuple[PyTree, PyTree]]] = {}
+
+    def step(state: PyTree, grads: PyTree, params: PyTree, **inputs: Any) -> tuple[PyTree, PyTree]:
+        leaves, treedef = jax.tree.flatten((state, params))
+        placements = tuple(getattr(leaf, "sharding", None) for leaf in leaves)
+        key = (treedef, placements)
+        if key not in compiled:
+            outs = None if None in placements else jax.tree.unflatten(treedef, placements)
+            compiled[key] = jax.jit(opt.step, donate_argnums=(0, 2) if donate else (), out_shardings=outs)
+        return compiled[key](state, grads, params, **inputs)
+
+    return step
 
 
 def hessian_vector_product(loss_fn: Callable[[PyTree], Any], params: PyTree, vector: PyTree) -> PyTree:

@@ -7,6 +7,7 @@ namespace offers, whether an array is being traced) is answered here through
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import array_api_compat
@@ -28,7 +29,31 @@ def namespace_of(*arrays: Array) -> Namespace:
 
 
 def device_of(x: Array) -> Any:
-    return array_api_compat.device(x)
+    """Where new arrays made from ``x`` go: its device. A JAX array sharded over several
+    devices gives its mesh, replicated: a scalar or a buffer of another shape (a step count,
+    Shampoo's statistics) cannot take the param's own partitioning (``P(None, 'model')`` on a
+    0-d count); param-shaped buffers keep the param's sharding through ``zeros_like``."""
+    device = array_api_compat.device(x)
+    if array_api_compat.is_jax_array(x) and len(getattr(device, "device_set", ())) > 1:
+        return _replicated(device)
+    return device
+
+
+def placement_of(x: Array) -> Any:
+    """Exactly where ``x`` lives (a JAX array's own sharding), for a converted copy of it."""
+    return x.sharding if array_api_compat.is_jax_array(x) and not is_lazy(x) else device_of(x)
+
+
+def _replicated(sharding: Any) -> Any:
+    """The same devices (and mesh), every array whole on each."""
+    jax = sys.modules["jax"]
+    spec = jax.sharding.PartitionSpec()
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, spec)
+    import numpy as np  # (host-side: the device list of a mesh)
+
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("replicas",)), spec)
 
 
 def is_lazy(x: Array) -> bool:
@@ -139,7 +164,7 @@ def convert_like(value: Any, like: Array) -> Array:
     else:
         converted = xp.asarray(host)
     converted = xp.astype(converted, like.dtype)
-    return array_api_compat.to_device(converted, device_of(like))
+    return array_api_compat.to_device(converted, placement_of(like))
 
 
 def is_numpy_like(value: Any) -> bool:
