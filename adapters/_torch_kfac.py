@@ -30,6 +30,7 @@ import torch
 
 import agnostic_optim as ao
 from agnostic_optim import checkpoint
+from agnostic_optim.adapters._torch_distributed import data_parallel_group, gather_batches, whole, write_back
 from agnostic_optim.adapters._torch_optimizer import bind_arguments, class_signature
 
 _NUMERIC = ("lr", "momentum", "stat_decay", "damping", "kl_clip", "weight_decay")
@@ -88,6 +89,7 @@ class KFAC(torch.optim.Optimizer):
         self._names = [name for name, _ in named]
         self._opt = opt
         self._cov_update_frequency = arguments["cov_update_frequency"]
+        self._group = data_parallel_group(model)  # (statistics are gathered over it)
         self._kfac_state = opt.init(self._params())
         self._steps = 0
         self._captured: dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -112,7 +114,22 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
 
     def _params(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in zip(self._names, self.param_groups[0]["params"])}
+        """The params by name, whole (an FSDP2 shard's whole tensor: K-FAC's factors need it)."""
+        return {name: whole(p.detach()) for name, p in zip(self._names, self.param_groups[0]["params"])}
+
+    def _statistics(self) -> dict[LayerKey, tuple[torch.Tensor, torch.Tensor]] | None:
+        """This step's layer statistics; under data parallelism every rank's samples, with the
+        output gradients of the loss the ranks' averaged gradients are of (each rank's mean
+        loss over the number of ranks): the single-process full-batch statistics."""
+        if not self.stats_due or not self._captured:
+            return None
+        if self._group is None:
+            return dict(self._captured)
+        world = torch.distributed.get_world_size(self._group)
+        return {
+            key: (gather_batches(a, self._group), gather_batches(g, self._group) / world)
+            for key, (a, g) in self._captured.items()
+        }
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -124,15 +141,14 @@ class KFAC(torch.optim.Optimizer):
         missing = [name for name, p in zip(self._names, self.param_groups[0]["params"]) if p.grad is None]
         if missing:
             raise RuntimeError(f"KFAC steps every parameter of the model; no gradient for {missing}")
-        grads = {name: p.grad for name, p in zip(self._names, self.param_groups[0]["params"])}
+        grads = {name: whole(p.grad) for name, p in zip(self._names, self.param_groups[0]["params"])}
         group = self.param_groups[0]
         state = ao.set_hparams(
             self._kfac_state, **{k: group[k] for k in ao.get_hparams(self._kfac_state) if k in _NUMERIC}
         )
-        stats = (self._captured if self.stats_due else {}) or None
-        self._kfac_state, new_params = self._opt.step(state, grads, params, layer_stats=stats)
+        self._kfac_state, new_params = self._opt.step(state, grads, params, layer_stats=self._statistics())
         for name, p in zip(self._names, group["params"]):
-            p.copy_(new_params[name])
+            write_back(p, new_params[name])
         self._captured.clear()
         self._steps += 1
         return loss

@@ -17,6 +17,7 @@ import torch
 
 import agnostic_optim as ao
 from agnostic_optim import engine
+from agnostic_optim.adapters._torch_distributed import is_sharded, whole, write_back
 from agnostic_optim.adapters._torch_optimizer import bind_arguments, class_signature
 from agnostic_optim.adapters._torch_plan import real_view
 from agnostic_optim.quasi_newton import default_max_eval
@@ -64,8 +65,9 @@ class LBFGS(torch.optim.Optimizer):
         """Run up to ``max_iter`` L-BFGS iterations; returns the closure's first loss."""
         group = self.param_groups[0]
         opt = self._optimizer()
-        # (complex params as their real views, as torch.optim.LBFGS flattens them)
-        start = [real_view(p.detach()).clone() for p in self._params]
+        # (complex params as their real views, as torch.optim.LBFGS flattens them; an FSDP2
+        # shard's whole tensor: the directions are dot products over every element)
+        start = [real_view(whole(p.detach())).clone() for p in self._params]
         saved = self.state[self._params[0]]
         state = self._core_state(saved) if saved else opt.init(start)
         state = ao.set_hparams(state, **{k: float(group[k]) for k in _HPARAMS})
@@ -73,19 +75,19 @@ class LBFGS(torch.optim.Optimizer):
 
         def value_and_grad_fn(candidate: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
             for p, value in zip(self._params, candidate):
-                real_view(p).copy_(value)
+                _put(p, value)
             with torch.enable_grad():
                 loss = closure()
             losses.append(loss)
             grads = [
-                real_view(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+                real_view(whole(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()))
                 for p in self._params
             ]
             return (loss.detach() if isinstance(loss, torch.Tensor) else loss), grads
 
         state, new_params = opt.step(state, None, start, value_and_grad_fn=value_and_grad_fn)
         for p, value in zip(self._params, new_params):
-            real_view(p).copy_(value)
+            _put(p, value)
         self.state[self._params[0]] = self._torch_state(state)
         return losses[0]
 
@@ -129,3 +131,12 @@ class LBFGS(torch.optim.Optimizer):
 
         if saved:
             self.state[first] = {name: moved(value) for name, value in saved.items()}
+
+
+def _put(param: torch.Tensor, value: torch.Tensor) -> None:
+    """A whole new value into ``param`` (a complex param through its real view; a DTensor
+    keeps its shard)."""
+    if is_sharded(param):
+        write_back(param, value)
+    else:
+        real_view(param).copy_(value)

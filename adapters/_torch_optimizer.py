@@ -31,6 +31,7 @@ import agnostic_optim as ao
 from agnostic_optim import checkpoint, engine
 from agnostic_optim.adapters._torch_compiled import CompiledExecutor
 from agnostic_optim.adapters._torch_differentiable import DifferentiableExecutor
+from agnostic_optim.adapters._torch_distributed import GatheredExecutor, is_sharded
 from agnostic_optim.adapters._torch_eager import EagerExecutor
 from agnostic_optim.adapters._torch_plan import (
     XP,
@@ -86,6 +87,7 @@ _EXECUTORS: dict[str, Callable[[str], Executor]] = {
     "compiled": CompiledExecutor,
     "differentiable": lambda name: DifferentiableExecutor(),
     "sparse": lambda name: SparseExecutor(),
+    "gathered": lambda name: GatheredExecutor(),
 }
 _P = inspect.Parameter
 
@@ -422,12 +424,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             set_grad_enabled(grad_enabled)
         return loss
 
-    def _executor(self, sparse: bool = False) -> Executor:
+    def _executor(self, sparse: bool = False, gathered: bool = False) -> Executor:
         """The one dispatch point: the executor that runs a group's step (as torch's ``adam()``
         picks its for-loop, foreach or fused implementation). ``sparse``: the step's gradients
-        include sparse ones its rule takes on their support (see :meth:`_sparse_grads`)."""
+        include sparse ones its rule takes on their support (see :meth:`_sparse_grads`);
+        ``gathered``: the rule needs whole arrays and the params are DTensors (FSDP2)."""
         if self._differentiable:
             kind = "differentiable"
+        elif gathered:
+            kind = "gathered"
         elif sparse:
             kind = "sparse"
         else:
@@ -477,7 +482,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             # (the compiled step checks for sparse gradients where its graph does not take them)
             if not self._compile:
                 grads = self._sparse_grads(rule, grads)
-            executor = self._executor(sparse=not self._compile and any(map(_IS_SPARSE, grads)))
+            gathered = not rule.batchable and any(map(is_sharded, params))
+            executor = self._executor(not self._compile and any(map(_IS_SPARSE, grads)), gathered)
             rebuilt = plan is None or not plan.matches(group, rule, params, self.state, executor)
             if rebuilt:
                 if len(set(map(id, params))) != len(params):  # (torch.optim warned at construction)

@@ -260,8 +260,9 @@ def build_plan(
     """Initialise missing state (torch.optim's per-param dicts) and lay the group's step out."""
     states = [state_map[p] for p in params]
     fresh = [(p, s) for p, s in zip(params, states) if not s]
+    whole = getattr(executor, "whole_state", False)  # (state made from a DTensor's whole tensor)
     for (p, s), step in zip(fresh, shared_counters([0.0] * len(fresh))):
-        s.update(initial_param_state(rule, p, step))
+        s.update(initial_param_state(rule, p.full_tensor() if whole else p, step))
     names = engine.buffer_names(rule)
     flag_of = mask_flags(rule, group["params"])
     subsets = []

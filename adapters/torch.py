@@ -130,7 +130,9 @@ class AdaHessian(_named_class("AdaHessian", ao.adahessian)):
         if params and not curved:
             raise RuntimeError(
                 "AdaHessian needs Hessian-vector products of the loss: compute the gradients with "
-                "loss.backward(create_graph=True) before step()"
+                "loss.backward(create_graph=True) before step(). (DDP and FSDP2 reduce the "
+                "gradients without their graph: AdaHessian does not run under them; README, "
+                "Scaling out)"
             )
         if not curved:
             return {}
