@@ -72,14 +72,24 @@ class ProblemFunction:
         return needs.get(self.kind, problem.layer_stats) is not None
 
     def bind(self, backend: Backend, problem: Problem, step: int, dtype: str, params: list[Any]) -> Any:
-        def gradient(values: Any) -> list[Any]:
-            return problem.gradient(backend, list(values), step, dtype)
-
-        if self.kind == "gradient":
-            return gradient
         if self.kind == "layer_stats":
             return problem.layer_stats(backend, params, dtype)
-        return lambda values: (problem.loss(backend, list(values), dtype), gradient(values))
+        # one function object for every step where the gradient does not depend on it, so that a
+        # jitted update closing over it is traced once (as over jax.grad(loss) in a training loop)
+        key = (self.kind, id(problem), backend.name, dtype, step if problem.streamed else None)
+        if key not in _BOUND:
+
+            def gradient(values: Any) -> list[Any]:
+                return problem.gradient(backend, list(values), step, dtype)
+
+            if self.kind == "gradient":
+                _BOUND[key] = gradient
+            else:
+                _BOUND[key] = lambda values: (problem.loss(backend, list(values), dtype), gradient(values))
+        return _BOUND[key]
+
+
+_BOUND: dict[tuple, Callable[..., Any]] = {}  # (see ProblemFunction.bind)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ class Problem:
       layer_stats: ``layer_stats(backend, params, dtype) -> {(i,): (inputs, output grads)}`` for
         the fully-connected layers whose weight is leaf ``i``, stored (in, out) with leaf ``i + 1``
         its bias (K-FAC's step input; None where the problem has no layers).
+      streamed: True when ``gradient`` depends on the step (a stream of gradients), not on the
+        params alone.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Problem:
     gradient: Callable[[Backend, list[Array], int, str], list[Array]]
     loss: Callable[[Backend, list[Array], str], Array] | None = None
     layer_stats: Callable[[Backend, list[Array], str], LayerStats] | None = None
+    streamed: bool = False  # the gradient depends on the step (a stream), not on the params only
 
 
 def multi_leaf_tree(steps: int, seed: int = 0) -> Problem:
@@ -55,7 +58,7 @@ def multi_leaf_tree(steps: int, seed: int = 0) -> Problem:
     def gradient(backend: Backend, params: list[Array], step: int, dtype: str) -> list[Array]:
         return [backend.asarray(g, dtype) for g in stream[step]]
 
-    return Problem("tree", initial, gradient)
+    return Problem("tree", initial, gradient, streamed=True)
 
 
 def ill_conditioned_quadratic(seed: int = 1, dimension: int = 6, condition: float = 1e2) -> Problem:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,6 +235,7 @@ def _run_as_optax(
 
     tx = as_optax(case.build())
     jitted = jax.jit(tx.update) if jit else tx.update
+    with_functions: dict[tuple, Callable[..., Any]] = {}
     params = [backend.asarray(p, dtype) for p in problem.initial]
     state = tx.init(params)
     trajectory = []
@@ -245,8 +247,11 @@ def _run_as_optax(
         functions = {k: v for k, v in step_inputs.items() if callable(v)}
         update = jitted
         if functions:
-            update = functools.partial(tx.update, **functions)
-            update = jax.jit(update) if jit else update
+            key = tuple(sorted((k, id(v)) for k, v in functions.items()))
+            if key not in with_functions:  # (a function that is the same every step: traced once)
+                partial = functools.partial(tx.update, **functions)
+                with_functions[key] = jax.jit(partial) if jit else partial
+            update = with_functions[key]
             step_inputs = {k: v for k, v in step_inputs.items() if k not in functions}
         updates, state = update(grads, state, params, **step_inputs)
         params = optax.apply_updates(params, updates)
